@@ -1,0 +1,513 @@
+// CPU kernels of the fusedopt ops: SIMD loads/stores, ATen's thread pool, and the
+// math of optimizer_math.h.
+//
+// setup.py compiles this file once per x86 ISA level (CPU_CAPABILITY = DEFAULT, AVX2,
+// AVX512) into separate modules; fusedopt/ops.py loads the best one for the running
+// CPU, which registers these kernels for the CPU dispatch key.
+#include "optimizer_math.h"
+#include "segment_table.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <Python.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace fusedopt {
+
+using at::vec::Vectorized;
+
+template <>
+inline Vectorized<float> opmath_sqrt(Vectorized<float> x) { return x.sqrt(); }
+template <>
+inline Vectorized<double> opmath_sqrt(Vectorized<double> x) { return x.sqrt(); }
+template <>
+inline Vectorized<float> opmath_maximum(Vectorized<float> a, Vectorized<float> b) {
+  return at::vec::maximum(a, b);
+}
+template <>
+inline Vectorized<double> opmath_maximum(Vectorized<double> a, Vectorized<double> b) {
+  return at::vec::maximum(a, b);
+}
+
+namespace {
+
+// Loads and stores a block of kWidth elements of scalar_t as two opmath vectors.
+template <typename scalar_t, typename = void>
+struct VecIO {  // float, double: two plain vectors
+  using opmath_t = scalar_t;
+  using Vec = Vectorized<scalar_t>;
+  static constexpr int64_t kWidth = 2 * Vec::size();
+  static void load(const scalar_t* ptr, Vec& lo, Vec& hi) {
+    lo = Vec::loadu(ptr);
+    hi = Vec::loadu(ptr + Vec::size());
+  }
+  static void store(scalar_t* ptr, const Vec& lo, const Vec& hi) {
+    lo.store(ptr);
+    hi.store(ptr + Vec::size());
+  }
+};
+
+template <typename scalar_t>
+struct VecIO<scalar_t, std::enable_if_t<at::vec::is_reduced_floating_point_v<scalar_t>>> {
+  using opmath_t = float;
+  using Vec = Vectorized<float>;
+  static constexpr int64_t kWidth = Vectorized<scalar_t>::size();
+  static void load(const scalar_t* ptr, Vec& lo, Vec& hi) {
+    std::tie(lo, hi) = at::vec::convert_to_float<scalar_t>(Vectorized<scalar_t>::loadu(ptr));
+  }
+  static void store(scalar_t* ptr, const Vec& lo, const Vec& hi) {
+    at::vec::convert_from_float<scalar_t>(lo, hi).store(ptr);
+  }
+};
+
+// Elements of one parameter handed to one thread at a time; big parameters are split
+// so both cores share them, small ones are batched by parallel_for's grain.
+constexpr int64_t kChunk = 1 << 15;
+// Strided grads are gathered this many elements at a time into a stack buffer, so the
+// SIMD loop always reads contiguous memory without copying a whole grad.
+constexpr int64_t kGatherBlock = 512;
+
+struct WorkItem {
+  int64_t segment;
+  int64_t begin;  // element range within the segment
+  int64_t end;
+};
+
+std::vector<WorkItem> split_segments(const int64_t* seg, int64_t num_segments) {
+  std::vector<WorkItem> items;
+  items.reserve(num_segments);
+  for (int64_t s = 0; s < num_segments; ++s) {
+    const int64_t numel = seg[s * kSegmentColumns + kNumel];
+    for (int64_t b = 0; b < numel; b += kChunk) items.push_back({s, b, std::min(numel, b + kChunk)});
+  }
+  return items;
+}
+
+// Where row `segment` of the grads list lives, and how to read it.
+template <typename scalar_t>
+struct GradSource {
+  scalar_t* data;       // first element of the segment's grad
+  bool contiguous;
+  const at::Tensor* strided;  // the grad itself when it is not contiguous
+};
+
+template <typename scalar_t>
+GradSource<scalar_t> grad_source(const at::TensorList grads, bool flat_grads, const int64_t* row,
+                                 int64_t segment) {
+  if (flat_grads) return {grads[0].data_ptr<scalar_t>() + row[kFlatOffset], true, nullptr};
+  const at::Tensor& g = grads[segment];
+  return {g.data_ptr<scalar_t>(), g.is_contiguous(), &g};
+}
+
+// Copies elements [begin, end) (row-major logical order) of a strided grad into out.
+template <typename scalar_t>
+void gather_strided(const at::Tensor& grad, int64_t begin, int64_t end, scalar_t* out) {
+  const int64_t dim = grad.dim();
+  const auto sizes = grad.sizes();
+  const auto strides = grad.strides();
+  std::array<int64_t, 16> index{};
+  TORCH_CHECK(dim <= 16, "fusedopt: grads with more than 16 dims are not supported");
+  int64_t rest = begin;
+  for (int64_t d = dim - 1; d >= 0; --d) {
+    index[d] = rest % sizes[d];
+    rest /= sizes[d];
+  }
+  const scalar_t* base = grad.data_ptr<scalar_t>();
+  for (int64_t i = begin; i < end; ++i) {
+    int64_t offset = 0;
+    for (int64_t d = 0; d < dim; ++d) offset += index[d] * strides[d];
+    out[i - begin] = base[offset];
+    for (int64_t d = dim - 1; d >= 0; --d) {
+      if (++index[d] < sizes[d]) break;
+      index[d] = 0;
+    }
+  }
+}
+
+// Runs `update(i, n, grad_ptr)` over elements [begin, end) of a segment in pieces
+// whose grads are contiguous: directly for contiguous grads, via a small gather
+// buffer for strided ones. Zeroes what was read when asked to.
+template <typename scalar_t, typename Update>
+void for_each_contiguous_grad_block(const GradSource<scalar_t>& src, int64_t begin, int64_t end,
+                                    bool zero_grads, const Update& update) {
+  if (src.contiguous) {
+    update(begin, end - begin, src.data + begin);
+    if (zero_grads) std::fill(src.data + begin, src.data + end, scalar_t(0));
+    return;
+  }
+  scalar_t block[kGatherBlock];
+  for (int64_t b = begin; b < end; b += kGatherBlock) {
+    const int64_t n = std::min(kGatherBlock, end - b);
+    gather_strided(*src.strided, b, b + n, block);
+    update(b, n, block);
+  }
+}
+
+struct StepControl {
+  bool skip;  // found_inf was set: leave everything untouched
+  double lr;
+};
+
+StepControl step_control(double lr, const std::optional<at::Tensor>& lr_tensor,
+                         const std::optional<at::Tensor>& found_inf) {
+  StepControl control{false, lr};
+  if (found_inf.has_value() && found_inf->item<double>() != 0.0) control.skip = true;
+  if (lr_tensor.has_value()) control.lr = lr_tensor->item<double>();
+  return control;
+}
+
+template <typename opmath_t>
+std::optional<opmath_t> optional_scalar(const std::optional<at::Tensor>& t) {
+  if (!t.has_value()) return std::nullopt;
+  return static_cast<opmath_t>(t->item<double>());
+}
+
+void check_flat(const at::Tensor& flat, const at::Tensor& param, const char* name) {
+  TORCH_CHECK(flat.device() == param.device() && flat.scalar_type() == param.scalar_type() &&
+                  flat.numel() == param.numel() && flat.is_contiguous(),
+              "fusedopt: ", name, " must be a contiguous buffer like param (", param.numel(),
+              " elements of ", param.scalar_type(), ")");
+}
+
+// Validates the segments/grads contract of segment_table.h. Returns whether the grads
+// are one flat buffer.
+bool check_segments_and_grads(const at::Tensor& param, const at::Tensor& step,
+                              const at::TensorList grads, const at::Tensor& segments) {
+  TORCH_CHECK(param.dim() == 1 && param.is_contiguous(), "fusedopt: param must be a flat contiguous buffer");
+  TORCH_CHECK(step.scalar_type() == at::kFloat && step.is_contiguous() && step.dim() == 1,
+              "fusedopt: step must be a 1-D float32 tensor of per-parameter counters");
+  TORCH_CHECK(segments.scalar_type() == at::kLong && segments.dim() == 2 &&
+                  segments.size(1) == kSegmentColumns && segments.is_contiguous() &&
+                  segments.device() == param.device(),
+              "fusedopt: segments must be a contiguous int64 [n, ", int64_t(kSegmentColumns),
+              "] tensor on the param's device");
+  const int64_t num_segments = segments.size(0);
+  TORCH_CHECK(!grads.empty(), "fusedopt: expected at least one grad");
+  const int64_t* seg = segments.data_ptr<int64_t>();
+  const bool flat_grads = grads_are_flat(static_cast<int64_t>(grads.size()), num_segments, grads[0].numel(),
+                                         num_segments > 0 ? seg[kNumel] : -1);
+  TORCH_CHECK(flat_grads || static_cast<int64_t>(grads.size()) == num_segments,
+              "fusedopt: expected one flat grad buffer or one grad per segment, got ", grads.size(),
+              " grads for ", num_segments, " segments");
+  TORCH_CHECK(!flat_grads || (grads[0].numel() == param.numel() && grads[0].is_contiguous()),
+              "fusedopt: a flat grad buffer must be contiguous and as long as the param buffer");
+  for (int64_t s = 0; s < num_segments; ++s) {
+    const int64_t* row = seg + s * kSegmentColumns;
+    TORCH_CHECK(row[kFlatOffset] >= 0 && row[kNumel] >= 0 && row[kFlatOffset] + row[kNumel] <= param.numel() &&
+                    row[kParamIndex] >= 0 && row[kParamIndex] < step.numel(),
+                "fusedopt: segment ", s, " lies outside the flat buffers");
+  }
+  for (size_t i = 0; i < grads.size(); ++i) {
+    const at::Tensor& g = grads[i];
+    TORCH_CHECK(!g.is_sparse(), "fusedopt: sparse gradients are not supported");
+    TORCH_CHECK(g.scalar_type() == param.scalar_type() && g.device() == param.device(),
+                "fusedopt: grad ", i, " is ", g.scalar_type(), " on ", g.device(), " but its param is ",
+                param.scalar_type(), " on ", param.device());
+    if (!flat_grads)
+      TORCH_CHECK(g.numel() == seg[i * kSegmentColumns + kNumel], "fusedopt: grad ", i, " has ",
+                  g.numel(), " elements, its parameter ", seg[i * kSegmentColumns + kNumel]);
+  }
+  return flat_grads;
+}
+
+template <typename scalar_t, bool amsgrad>
+void adam_kernel(scalar_t* param, scalar_t* exp_avg, scalar_t* exp_avg_sq, scalar_t* max_exp_avg_sq,
+                 const float* step, const at::TensorList grads, bool flat_grads, const int64_t* seg,
+                 const std::vector<WorkItem>& items, double lr, double beta1, double beta2,
+                 double weight_decay, double eps, bool decoupled, bool maximize,
+                 std::optional<at::opmath_type<scalar_t>> grad_scale,
+                 std::optional<at::opmath_type<scalar_t>> grad_multiplier, bool zero_grads) {
+  using IO = VecIO<scalar_t>;
+  using opmath_t = typename IO::opmath_t;
+  using Vec = typename IO::Vec;
+  const opmath_t* scale_ptr = grad_scale ? &*grad_scale : nullptr;
+  const opmath_t* multiplier_ptr = grad_multiplier ? &*grad_multiplier : nullptr;
+
+  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t first, int64_t last) {
+    for (int64_t w = first; w < last; ++w) {
+      const WorkItem& item = items[w];
+      const int64_t* row = seg + item.segment * kSegmentColumns;
+      const auto c = adam_coefficients<opmath_t>(lr, beta1, beta2, weight_decay, eps, decoupled,
+                                                 static_cast<double>(step[row[kParamIndex]]));
+      const int64_t base = row[kFlatOffset];
+      const auto src = grad_source<scalar_t>(grads, flat_grads, row, item.segment);
+      for_each_contiguous_grad_block(src, item.begin, item.end, zero_grads,
+                                     [&](int64_t i0, int64_t n, const scalar_t* g) {
+        scalar_t* p = param + base + i0;
+        scalar_t* m = exp_avg + base + i0;
+        scalar_t* v = exp_avg_sq + base + i0;
+        scalar_t* vmax = amsgrad ? max_exp_avg_sq + base + i0 : nullptr;
+        int64_t i = 0;
+        for (; i + IO::kWidth <= n; i += IO::kWidth) {
+          Vec p0, p1, g0, g1, m0, m1, v0, v1, x0, x1;
+          IO::load(p + i, p0, p1);
+          IO::load(g + i, g0, g1);
+          IO::load(m + i, m0, m1);
+          IO::load(v + i, v0, v1);
+          if constexpr (amsgrad) IO::load(vmax + i, x0, x1);
+          adam_update<amsgrad>(p0, effective_grad(g0, scale_ptr, multiplier_ptr, maximize), m0, v0, x0, c);
+          adam_update<amsgrad>(p1, effective_grad(g1, scale_ptr, multiplier_ptr, maximize), m1, v1, x1, c);
+          IO::store(p + i, p0, p1);
+          IO::store(m + i, m0, m1);
+          IO::store(v + i, v0, v1);
+          if constexpr (amsgrad) IO::store(vmax + i, x0, x1);
+        }
+        for (; i < n; ++i) {  // tail: the same math on scalars
+          opmath_t ps = p[i], ms = m[i], vs = v[i], xs = amsgrad ? opmath_t(vmax[i]) : opmath_t(0);
+          adam_update<amsgrad>(ps, effective_grad(opmath_t(g[i]), scale_ptr, multiplier_ptr, maximize),
+                               ms, vs, xs, c);
+          p[i] = ps;
+          m[i] = ms;
+          v[i] = vs;
+          if constexpr (amsgrad) vmax[i] = xs;
+        }
+      });
+    }
+  });
+}
+
+template <typename scalar_t, bool has_momentum, bool nesterov>
+void sgd_kernel(scalar_t* param, scalar_t* momentum_buffer, const std::vector<uint8_t>& first_step,
+                const at::TensorList grads, bool flat_grads, const int64_t* seg,
+                const std::vector<WorkItem>& items, double lr, double momentum, double dampening,
+                double weight_decay, bool maximize, std::optional<at::opmath_type<scalar_t>> grad_scale,
+                std::optional<at::opmath_type<scalar_t>> grad_multiplier, bool zero_grads) {
+  using IO = VecIO<scalar_t>;
+  using opmath_t = typename IO::opmath_t;
+  using Vec = typename IO::Vec;
+  const opmath_t* scale_ptr = grad_scale ? &*grad_scale : nullptr;
+  const opmath_t* multiplier_ptr = grad_multiplier ? &*grad_multiplier : nullptr;
+  const auto c = sgd_coefficients<opmath_t>(lr, momentum, dampening, weight_decay);
+
+  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t first, int64_t last) {
+    for (int64_t w = first; w < last; ++w) {
+      const WorkItem& item = items[w];
+      const int64_t* row = seg + item.segment * kSegmentColumns;
+      const bool first_time = first_step[item.segment] != 0;
+      const int64_t base = row[kFlatOffset];
+      const auto src = grad_source<scalar_t>(grads, flat_grads, row, item.segment);
+      for_each_contiguous_grad_block(src, item.begin, item.end, zero_grads,
+                                     [&](int64_t i0, int64_t n, const scalar_t* g) {
+        scalar_t* p = param + base + i0;
+        scalar_t* buf = has_momentum ? momentum_buffer + base + i0 : nullptr;
+        int64_t i = 0;
+        for (; i + IO::kWidth <= n; i += IO::kWidth) {
+          Vec p0, p1, g0, g1, b0, b1;
+          IO::load(p + i, p0, p1);
+          IO::load(g + i, g0, g1);
+          if constexpr (has_momentum) IO::load(buf + i, b0, b1);
+          sgd_update<has_momentum, nesterov>(p0, effective_grad(g0, scale_ptr, multiplier_ptr, maximize),
+                                             b0, first_time, c);
+          sgd_update<has_momentum, nesterov>(p1, effective_grad(g1, scale_ptr, multiplier_ptr, maximize),
+                                             b1, first_time, c);
+          IO::store(p + i, p0, p1);
+          if constexpr (has_momentum) IO::store(buf + i, b0, b1);
+        }
+        for (; i < n; ++i) {
+          opmath_t ps = p[i], bs = has_momentum ? opmath_t(buf[i]) : opmath_t(0);
+          sgd_update<has_momentum, nesterov>(
+              ps, effective_grad(opmath_t(g[i]), scale_ptr, multiplier_ptr, maximize), bs, first_time, c);
+          p[i] = ps;
+          if constexpr (has_momentum) buf[i] = bs;
+        }
+      });
+    }
+  });
+}
+
+// In-kernel zeroing covers contiguous grads; a strided grad is zeroed whole here, after
+// every thread has read it.
+void zero_strided_grads(at::TensorList grads, bool flat_grads, bool zero_grads) {
+  if (!zero_grads || flat_grads) return;
+  for (const at::Tensor& g : grads)
+    if (!g.is_contiguous()) const_cast<at::Tensor&>(g).zero_();
+}
+
+// Advances the counter of every parameter in the table (before its update reads it,
+// as torch.optim does).
+void advance_steps(at::Tensor& step, const int64_t* seg, int64_t num_segments) {
+  float* steps = step.data_ptr<float>();
+  for (int64_t s = 0; s < num_segments; ++s) steps[seg[s * kSegmentColumns + kParamIndex]] += 1.0f;
+}
+
+void adam_step_cpu(at::Tensor& param, at::Tensor& exp_avg, at::Tensor& exp_avg_sq,
+                   const std::optional<at::Tensor>& max_exp_avg_sq, at::Tensor& step, at::TensorList grads,
+                   const at::Tensor& segments, double lr, const std::optional<at::Tensor>& lr_tensor,
+                   double beta1, double beta2, double weight_decay, double eps, bool decoupled_weight_decay,
+                   bool maximize, const std::optional<at::Tensor>& grad_scale,
+                   const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& grad_multiplier,
+                   bool zero_grads) {
+  const bool flat_grads = check_segments_and_grads(param, step, grads, segments);
+  check_flat(exp_avg, param, "exp_avg");
+  check_flat(exp_avg_sq, param, "exp_avg_sq");
+  const bool amsgrad = max_exp_avg_sq.has_value();
+  if (amsgrad) check_flat(*max_exp_avg_sq, param, "max_exp_avg_sq");
+  const StepControl control = step_control(lr, lr_tensor, found_inf);
+  if (control.skip) return;
+
+  const int64_t* seg = segments.data_ptr<int64_t>();
+  advance_steps(step, seg, segments.size(0));
+  const auto items = split_segments(seg, segments.size(0));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, param.scalar_type(), "fusedopt::adam_step_", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    auto run = [&](auto amsgrad_tag) {
+      adam_kernel<scalar_t, decltype(amsgrad_tag)::value>(
+          param.data_ptr<scalar_t>(), exp_avg.data_ptr<scalar_t>(), exp_avg_sq.data_ptr<scalar_t>(),
+          amsgrad ? max_exp_avg_sq->data_ptr<scalar_t>() : nullptr, step.data_ptr<float>(), grads,
+          flat_grads, seg, items, control.lr, beta1, beta2, weight_decay, eps, decoupled_weight_decay,
+          maximize, optional_scalar<opmath_t>(grad_scale), optional_scalar<opmath_t>(grad_multiplier),
+          zero_grads);
+    };
+    amsgrad ? run(std::true_type{}) : run(std::false_type{});
+  });
+  zero_strided_grads(grads, flat_grads, zero_grads);
+}
+
+void sgd_step_cpu(at::Tensor& param, const std::optional<at::Tensor>& momentum_buffer, at::Tensor& step,
+                  at::TensorList grads, const at::Tensor& segments, double lr,
+                  const std::optional<at::Tensor>& lr_tensor, double momentum, double dampening,
+                  double weight_decay, bool nesterov, bool maximize, const std::optional<at::Tensor>& grad_scale,
+                  const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& grad_multiplier,
+                  bool zero_grads) {
+  const bool flat_grads = check_segments_and_grads(param, step, grads, segments);
+  const bool has_momentum = momentum_buffer.has_value();
+  if (has_momentum) check_flat(*momentum_buffer, param, "momentum_buffer");
+  const StepControl control = step_control(lr, lr_tensor, found_inf);
+  if (control.skip) return;
+
+  const int64_t* seg = segments.data_ptr<int64_t>();
+  const int64_t num_segments = segments.size(0);
+  std::vector<uint8_t> first_step(num_segments);
+  const float* steps = step.data_ptr<float>();
+  for (int64_t s = 0; s < num_segments; ++s)
+    first_step[s] = steps[seg[s * kSegmentColumns + kParamIndex]] == 0.0f;
+  advance_steps(step, seg, num_segments);
+  const auto items = split_segments(seg, num_segments);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, param.scalar_type(), "fusedopt::sgd_step_", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    auto run = [&](auto momentum_tag, auto nesterov_tag) {
+      sgd_kernel<scalar_t, decltype(momentum_tag)::value, decltype(nesterov_tag)::value>(
+          param.data_ptr<scalar_t>(), has_momentum ? momentum_buffer->data_ptr<scalar_t>() : nullptr,
+          first_step, grads, flat_grads, seg, items, control.lr, momentum, dampening, weight_decay,
+          maximize, optional_scalar<opmath_t>(grad_scale), optional_scalar<opmath_t>(grad_multiplier),
+          zero_grads);
+    };
+    if (!has_momentum) run(std::false_type{}, std::false_type{});
+    else if (nesterov) run(std::true_type{}, std::true_type{});
+    else run(std::true_type{}, std::false_type{});
+  });
+  zero_strided_grads(grads, flat_grads, zero_grads);
+}
+
+// max that lets NaN through, as torch.max does.
+inline double nan_max(double a, double b) { return (a != a || b != b) ? a + b : std::max(a, b); }
+
+// Sum of |g|^p (or max |g| for p = inf) over one contiguous block: SIMD in opmath for
+// the usual norms, finished in double.
+template <typename scalar_t>
+double block_norm_partial(const scalar_t* g, int64_t n, double norm_type) {
+  using IO = VecIO<scalar_t>;
+  using opmath_t = typename IO::opmath_t;
+  using Vec = typename IO::Vec;
+  const bool is_inf = std::isinf(norm_type);
+  double acc = 0.0;
+  int64_t i = 0;
+  if (is_inf || norm_type == 2.0) {
+    Vec acc0(opmath_t(0)), acc1(opmath_t(0));
+    for (; i + IO::kWidth <= n; i += IO::kWidth) {
+      Vec g0, g1;
+      IO::load(g + i, g0, g1);
+      if (is_inf) {
+        acc0 = at::vec::maximum(acc0, g0.abs());
+        acc1 = at::vec::maximum(acc1, g1.abs());
+      } else {
+        acc0 = at::vec::fmadd(g0, g0, acc0);
+        acc1 = at::vec::fmadd(g1, g1, acc1);
+      }
+    }
+    opmath_t lanes[2 * Vec::size()];
+    acc0.store(lanes);
+    acc1.store(lanes + Vec::size());
+    for (opmath_t lane : lanes) acc = is_inf ? nan_max(acc, lane) : acc + lane;
+  }
+  for (; i < n; ++i) {
+    const double a = std::abs(static_cast<double>(static_cast<opmath_t>(g[i])));
+    acc = is_inf ? nan_max(acc, a) : (norm_type == 2.0 ? acc + a * a : acc + std::pow(a, norm_type));
+  }
+  return acc;
+}
+
+at::Tensor grad_norm_cpu(at::TensorList grads, const at::Tensor& segments, double norm_type) {
+  TORCH_CHECK(!grads.empty(), "fusedopt: grad_norm needs at least one grad");
+  TORCH_CHECK(norm_type > 0.0, "fusedopt: norm_type must be positive, got ", norm_type);
+  TORCH_CHECK(segments.scalar_type() == at::kLong && segments.dim() == 2 &&
+                  segments.size(1) == kSegmentColumns && segments.is_contiguous(),
+              "fusedopt: segments must be a contiguous int64 [n, ", int64_t(kSegmentColumns), "] tensor");
+  const int64_t num_segments = segments.size(0);
+  const int64_t* seg = segments.data_ptr<int64_t>();
+  const bool flat_grads = grads_are_flat(static_cast<int64_t>(grads.size()), num_segments, grads[0].numel(),
+                                         num_segments > 0 ? seg[kNumel] : -1);
+  TORCH_CHECK(flat_grads ? grads[0].is_contiguous() : static_cast<int64_t>(grads.size()) == num_segments,
+              "fusedopt: expected one contiguous flat grad buffer or one grad per segment");
+  for (int64_t s = 0; s < num_segments; ++s) {
+    const int64_t* row = seg + s * kSegmentColumns;
+    TORCH_CHECK(flat_grads ? row[kFlatOffset] + row[kNumel] <= grads[0].numel() : grads[s].numel() == row[kNumel],
+                "fusedopt: segment ", s, " does not match its grad");
+  }
+  const bool is_inf = std::isinf(norm_type);
+  const auto dtype = grads[0].scalar_type();
+  double total = 0.0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "fusedopt::grad_norm", [&] {
+    const auto items = split_segments(seg, num_segments);
+    std::vector<double> partial(items.size());
+    at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t first, int64_t last) {
+      for (int64_t w = first; w < last; ++w) {
+        const WorkItem& item = items[w];
+        const int64_t* row = seg + item.segment * kSegmentColumns;
+        const auto src = grad_source<scalar_t>(grads, flat_grads, row, item.segment);
+        double acc = 0.0;
+        for_each_contiguous_grad_block(src, item.begin, item.end, false,
+                                       [&](int64_t, int64_t n, const scalar_t* g) {
+          const double part = block_norm_partial(g, n, norm_type);
+          acc = is_inf ? nan_max(acc, part) : acc + part;
+        });
+        partial[w] = acc;
+      }
+    });
+    for (double part : partial) total = is_inf ? nan_max(total, part) : total + part;
+  });
+  const double norm = is_inf ? total : (norm_type == 2.0 ? std::sqrt(total) : std::pow(total, 1.0 / norm_type));
+  const auto out_dtype = dtype == at::kDouble ? at::kDouble : at::kFloat;
+  return at::scalar_tensor(norm, at::TensorOptions().dtype(out_dtype));
+}
+
+}  // namespace
+}  // namespace fusedopt
+
+TORCH_LIBRARY_IMPL(fusedopt, CPU, m) {
+  m.impl("adam_step_", &fusedopt::adam_step_cpu);
+  m.impl("sgd_step_", &fusedopt::sgd_step_cpu);
+  m.impl("grad_norm", &fusedopt::grad_norm_cpu);
+}
+
+// Each ISA variant is its own Python module (fusedopt._cpu_<isa>); importing it
+// registers the kernels above.
+#define FUSEDOPT_STRINGIFY_(x) #x
+#define FUSEDOPT_STRINGIFY(x) FUSEDOPT_STRINGIFY_(x)
+#define FUSEDOPT_CONCAT_(a, b) a##b
+#define FUSEDOPT_MODULE_INIT(isa) FUSEDOPT_CONCAT_(PyInit__cpu_, isa)
+extern "C" PyObject* FUSEDOPT_MODULE_INIT(FUSEDOPT_CPU_ISA)(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_cpu_" FUSEDOPT_STRINGIFY(FUSEDOPT_CPU_ISA),
+                                          nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}

@@ -1,0 +1,39 @@
+// Schemas of every fusedopt op, declared once. Device kernels register their
+// implementations beside their code: csrc/cpu/optimizer_kernels.cpp (CPU) and
+// csrc/cuda/optimizer_kernels.cu (CUDA, only in CUDA builds).
+#include <Python.h>
+#include <torch/library.h>
+
+// The extension is loaded as a Python module so `import fusedopt._C` registers the
+// schemas; it defines no Python functions (ops are reached through torch.ops.fusedopt).
+extern "C" {
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(fusedopt, m) {
+  // Adam and AdamW over one flat buffer. amsgrad iff max_exp_avg_sq is given;
+  // `step` holds one float32 counter per parameter (torch.optim's state["step"]).
+  // On found_inf != 0 nothing is written. grad_scale divides and grad_multiplier
+  // (a clip coefficient) multiplies the grad before the update; zero_grads writes
+  // zeros over the grads that were read.
+  m.def(
+      "adam_step_(Tensor(a!) param, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, "
+      "Tensor(d!)? max_exp_avg_sq, Tensor(e!) step, Tensor(f!)[] grads, Tensor segments, "
+      "float lr, Tensor? lr_tensor, float beta1, float beta2, float weight_decay, float eps, "
+      "bool decoupled_weight_decay, bool maximize, Tensor? grad_scale, Tensor? found_inf, "
+      "Tensor? grad_multiplier, bool zero_grads) -> ()");
+  // SGD over one flat buffer. Momentum iff momentum_buffer is given; `step` counts
+  // each parameter's applied steps so a first step (step == 0) starts the buffer.
+  m.def(
+      "sgd_step_(Tensor(a!) param, Tensor(b!)? momentum_buffer, Tensor(c!) step, "
+      "Tensor(d!)[] grads, Tensor segments, float lr, Tensor? lr_tensor, float momentum, "
+      "float dampening, float weight_decay, bool nesterov, bool maximize, "
+      "Tensor? grad_scale, Tensor? found_inf, Tensor? grad_multiplier, bool zero_grads) -> ()");
+  // The norm_type-norm of all grads named by `segments` (same grads contract as the
+  // steps), as a 0-dim tensor in opmath (float32; float64 for float64 grads). inf or
+  // nan in any grad makes the result non-finite.
+  m.def("grad_norm(Tensor[] grads, Tensor segments, float norm_type) -> Tensor");
+}

@@ -1,0 +1,83 @@
+"""Adam and AdamW: torch.optim's constructors and semantics, one fused kernel per flat buffer."""
+from __future__ import annotations
+
+import torch
+
+from . import ops
+from .optimizer import FusedOptimizer, hyperparameter, reject_differentiable
+
+
+class Adam(FusedOptimizer):
+    """Drop-in for ``torch.optim.Adam``. ``foreach``, ``fused`` and ``capturable`` are
+    accepted (and recorded in param_groups, as torch does) so existing code runs; the
+    step is always fusedopt's fused kernel."""
+
+    _state_keys = ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, amsgrad=False,
+                 *, foreach=None, maximize=False, capturable=False, differentiable=False, fused=None,
+                 decoupled_weight_decay=False):
+        if isinstance(lr, torch.Tensor) and lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        if not 0.0 <= lr:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if not 0.0 <= eps:
+            raise ValueError(f"Invalid epsilon value: {eps}")
+        if not 0.0 <= betas[0] < 1.0:
+            raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
+        if not 0.0 <= betas[1] < 1.0:
+            raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        if not ((isinstance(betas[0], float) and isinstance(betas[1], float))
+                or (isinstance(betas[0], torch.Tensor) and isinstance(betas[1], torch.Tensor))):
+            raise ValueError("betas must be either both floats or both Tensors")
+        for index, beta in enumerate(betas):
+            if isinstance(beta, torch.Tensor) and beta.numel() != 1:
+                raise ValueError(f"Tensor betas[{index}] must be 1-element")
+        reject_differentiable(differentiable)
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+                        maximize=maximize, foreach=foreach, capturable=capturable,
+                        differentiable=differentiable, fused=fused,
+                        decoupled_weight_decay=decoupled_weight_decay)
+        super().__init__(params, defaults)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("amsgrad", False)
+            group.setdefault("maximize", False)
+            group.setdefault("foreach", None)
+            group.setdefault("capturable", False)
+            group.setdefault("differentiable", False)
+            group.setdefault("decoupled_weight_decay", False)
+            group.setdefault("fused", None)
+
+    def _update_buffer(self, group, buf, rows, segments, grads, grad_scale, found_inf,
+                       grad_multiplier=None, zero_grads=False):
+        amsgrad = group["amsgrad"]
+        self._ensure_state(buf, rows, self._state_keys if amsgrad else self._state_keys[:3])
+        lr, lr_tensor = self._lr_arguments(group["lr"], buf.device)
+        beta1, beta2 = group["betas"]
+        ops.adam_step_(
+            buf.data, buf.state["exp_avg"], buf.state["exp_avg_sq"],
+            buf.state["max_exp_avg_sq"] if amsgrad else None, buf.step, grads, segments,
+            lr, lr_tensor, hyperparameter(beta1), hyperparameter(beta2),
+            hyperparameter(group["weight_decay"]), group["eps"], group["decoupled_weight_decay"],
+            group["maximize"], grad_scale, found_inf, grad_multiplier, zero_grads)
+
+
+class AdamW(Adam):
+    """Drop-in for ``torch.optim.AdamW``: Adam with decoupled weight decay (default 1e-2)."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False,
+                 *, maximize=False, foreach=None, capturable=False, differentiable=False, fused=None):
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize,
+                         capturable=capturable, differentiable=differentiable, fused=fused,
+                         decoupled_weight_decay=True)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        # As torch.optim.AdamW: any state loaded into AdamW decays decoupled.
+        for group in self.param_groups:
+            group["decoupled_weight_decay"] = True

@@ -1,0 +1,174 @@
+"""Flat buffers: the parameters of one param group on one (device, dtype), packed into a
+single contiguous tensor that one kernel call updates.
+
+Each parameter becomes a view into the buffer with its old shape *and strides* (the
+same ``Parameter`` object; its old storage is released). Optimizer state lives in
+flat buffers of the same layout, and ``optimizer.state[p]`` holds views into them, so
+``state_dict()`` is torch.optim's format.
+"""
+from __future__ import annotations
+
+import torch
+
+# Rows of the segment table: (flat_offset, numel, param_index); csrc/segment_table.h.
+SEGMENT_COLUMNS = 3
+# Every parameter starts on a 64-byte boundary, so CUDA kernels can use 128-bit loads
+# and CPU SIMD loads stay within cache lines.
+ALIGN_BYTES = 64
+
+
+def memory_order(t: torch.Tensor) -> list[int] | None:
+    """The permutation of dims that lists ``t``'s memory from outermost to innermost,
+    or None when ``t`` is already row-major. Raises ValueError for a tensor that is not
+    dense and non-overlapping (it cannot keep its strides in a flat buffer)."""
+    if t.is_contiguous():
+        return None
+    perm = sorted(range(t.dim()), key=lambda d: (-t.stride(d), -t.size(d)))
+    if not t.permute(perm).is_contiguous():
+        raise ValueError("not dense")
+    return perm
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return (n + multiple - 1) // multiple * multiple
+
+
+class StaleBufferError(RuntimeError):
+    """A parameter no longer points into its flat buffer (e.g. ``model.to()`` or
+    ``p.data = ...`` after the optimizer was made)."""
+
+
+class FlatBuffer:
+    def __init__(self, params: list[torch.Tensor]):
+        self.params = params
+        self.device = params[0].device
+        self.dtype = params[0].dtype
+        align = max(1, ALIGN_BYTES // params[0].element_size())
+        self.offsets: list[int] = []
+        # Per parameter: the permutation that turns a grad with the parameter's
+        # strides into a contiguous tensor (None: the parameter is row-major).
+        self.grad_perms: list[list[int] | None] = []
+        strides = []
+        total = 0
+        for p in params:
+            total = _round_up(total, align)
+            self.offsets.append(total)
+            total += p.numel()
+            try:
+                perm = memory_order(p)
+                strides.append(p.stride())
+            except ValueError:  # a gappy or overlapping view: store it row-major
+                perm = None
+                strides.append(torch.empty(p.shape, device="meta").stride())
+            self.grad_perms.append(perm)
+        self.numel = _round_up(total, align)
+        self.data = torch.zeros(self.numel, dtype=self.dtype, device=self.device)
+        with torch.no_grad():
+            for p, offset, stride in zip(params, self.offsets, strides):
+                view = self.data.as_strided(p.shape, stride, offset)
+                view.copy_(p)
+                p.data = view
+        self.param_ptrs = [p.data_ptr() for p in params]
+        self.state: dict[str, torch.Tensor] = {}  # flat state buffers by torch.optim's key
+        # float32 per-parameter step counters (torch.optim's state["step"]).
+        self.step = torch.zeros(len(params), dtype=torch.float32, device=self.device)
+        self.grad_buffer: torch.Tensor | None = None
+        self.grad_views: list[torch.Tensor | None] = [None] * len(params)
+        self._all_rows = self._make_segments(range(len(params)))
+        self._segments_cache: dict[tuple[int, ...], torch.Tensor] = {}
+
+    # --- layout -----------------------------------------------------------------
+    def view_of(self, flat: torch.Tensor, index: int) -> torch.Tensor:
+        """The slot of parameter ``index`` in ``flat``, shaped and strided like it."""
+        p = self.params[index]
+        return flat.as_strided(p.shape, p.stride(), self.offsets[index])
+
+    def _make_segments(self, rows) -> torch.Tensor:
+        table = [[self.offsets[i], self.params[i].numel(), i] for i in rows]
+        return torch.tensor(table, dtype=torch.int64).reshape(-1, SEGMENT_COLUMNS).to(self.device)
+
+    def segments(self, rows: list[int]) -> torch.Tensor:
+        """The segment table for these parameter indices, cached per set of rows so a
+        device table is uploaded only when the set changes."""
+        if len(rows) == len(self.params):
+            return self._all_rows
+        key = tuple(rows)
+        table = self._segments_cache.get(key)
+        if table is None:
+            if len(self._segments_cache) > 64:
+                self._segments_cache.clear()
+            table = self._segments_cache[key] = self._make_segments(rows)
+        return table
+
+    def is_stale(self) -> bool:
+        return any(p.data_ptr() != ptr for p, ptr in zip(self.params, self.param_ptrs))
+
+    # --- state ------------------------------------------------------------------
+    def state_buffer(self, key: str) -> torch.Tensor:
+        """The flat buffer behind state key ``key``, zero-initialised on first use."""
+        flat = self.state.get(key)
+        if flat is None:
+            flat = self.state[key] = torch.zeros_like(self.data)
+        return flat
+
+    # --- grads ------------------------------------------------------------------
+    def collect_grads(self):
+        """Reads every parameter's grad in place. Returns (rows, grads) where rows are
+        the indices of parameters that have a grad and grads is what the kernels take:
+        ``[flat grad buffer]`` when every grad is still a view of it, else one tensor per
+        row with its dims in the parameter's memory order. Raises StaleBufferError."""
+        rows = []
+        grads = []
+        flat = self.grad_buffer is not None
+        views = self.grad_views
+        for i, p in enumerate(self.params):
+            if p.data_ptr() != self.param_ptrs[i]:
+                raise StaleBufferError(i)
+            g = p.grad
+            if g is None:
+                continue
+            rows.append(i)
+            grads.append(g)
+            if flat and g is not views[i]:
+                flat = False
+        if flat and rows:
+            return rows, [self.grad_buffer]
+        return rows, [g if self.grad_perms[i] is None else g.permute(self.grad_perms[i])
+                      for i, g in zip(rows, grads)]
+
+    def check_grads(self, rows: list[int], name: str) -> None:
+        """Rejects grads the kernels cannot take, before any buffer is updated."""
+        for i in rows:
+            p = self.params[i]
+            g = p.grad
+            if g is self.grad_views[i]:
+                continue
+            if g.is_sparse:
+                raise RuntimeError(f"{name} does not support sparse gradients")
+            if g.shape != p.shape or g.dtype != p.dtype or g.device != p.device:
+                raise RuntimeError(
+                    f"{name}: grad of shape {tuple(g.shape)}, {g.dtype} on {g.device} does not match "
+                    f"its parameter of shape {tuple(p.shape)}, {p.dtype} on {p.device}")
+
+    def zero_grads_flat(self) -> None:
+        """zero_grad(set_to_none=False): zeroes existing grads, keeping them as views of
+        one flat grad buffer so the next step reads a single range."""
+        if self.grad_buffer is None:
+            self.grad_buffer = torch.zeros_like(self.data)
+        else:
+            self.grad_buffer.zero_()
+        for i, p in enumerate(self.params):
+            g = p.grad
+            if g is None or g is self.grad_views[i]:
+                continue
+            if g.shape != p.shape or g.dtype != p.dtype or g.device != p.device or g.is_sparse:
+                # Not something the buffer can stand in for: zero it where it is, as torch does.
+                g.detach_() if g.grad_fn is not None else g.requires_grad_(False)
+                g.zero_()
+                continue
+            view = self.grad_views[i] = self.view_of(self.grad_buffer, i)
+            p.grad = view
+
+    def release_grad_buffer(self) -> None:
+        self.grad_buffer = None
+        self.grad_views = [None] * len(self.params)

@@ -1,0 +1,55 @@
+"""Python face of the fusedopt ops: loads the kernels and registers fake kernels.
+
+The schemas live in csrc/ops.cpp (module ``fusedopt._C``). CPU kernels come in one
+module per x86 ISA level; the best one the running CPU supports is loaded here, so the
+same build runs on any x86-64 machine.
+"""
+import importlib
+
+import torch
+
+from . import _C  # noqa: F401  (registers the op schemas, and CUDA kernels in CUDA builds)
+
+# torch's own reading of the CPU (it also honours ATEN_CPU_CAPABILITY).
+_ISA_PREFERENCE = {
+    "AVX512": ("avx512", "avx2", "default"),
+    "AVX2": ("avx2", "default"),
+}
+
+
+def _load_cpu_kernels() -> str:
+    for isa in _ISA_PREFERENCE.get(torch.backends.cpu.get_cpu_capability(), ("default",)):
+        try:
+            importlib.import_module(f"fusedopt._cpu_{isa}")
+            return isa
+        except ImportError:
+            continue
+    raise ImportError("fusedopt: no CPU kernel module could be loaded; was the extension built?")
+
+
+CPU_ISA = _load_cpu_kernels()
+HAS_CUDA_KERNELS = torch._C._dispatch_has_kernel_for_dispatch_key("fusedopt::adam_step_", "CUDA")
+
+adam_step_ = torch.ops.fusedopt.adam_step_
+sgd_step_ = torch.ops.fusedopt.sgd_step_
+grad_norm = torch.ops.fusedopt.grad_norm
+
+
+# Fake kernels: shapes only, so torch.compile and torch.library.opcheck can trace the ops.
+@torch.library.register_fake("fusedopt::adam_step_")
+def _adam_step_fake(param, exp_avg, exp_avg_sq, max_exp_avg_sq, step, grads, segments, lr, lr_tensor,
+                    beta1, beta2, weight_decay, eps, decoupled_weight_decay, maximize, grad_scale,
+                    found_inf, grad_multiplier, zero_grads):
+    return None
+
+
+@torch.library.register_fake("fusedopt::sgd_step_")
+def _sgd_step_fake(param, momentum_buffer, step, grads, segments, lr, lr_tensor, momentum, dampening,
+                   weight_decay, nesterov, maximize, grad_scale, found_inf, grad_multiplier, zero_grads):
+    return None
+
+
+@torch.library.register_fake("fusedopt::grad_norm")
+def _grad_norm_fake(grads, segments, norm_type):
+    dtype = torch.float64 if grads[0].dtype == torch.float64 else torch.float32
+    return grads[0].new_empty((), dtype=dtype)

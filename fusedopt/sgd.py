@@ -1,0 +1,82 @@
+"""SGD with momentum, dampening, nesterov and weight decay: torch.optim.SGD's constructor
+and semantics, one fused kernel per flat buffer."""
+from __future__ import annotations
+
+import torch
+
+from . import ops
+from .optimizer import FusedOptimizer, hyperparameter, reject_differentiable
+
+
+class SGD(FusedOptimizer):
+    """Drop-in for ``torch.optim.SGD``. ``foreach`` and ``fused`` are accepted and
+    recorded in param_groups; the step is always fusedopt's fused kernel.
+
+    Besides torch's ``momentum_buffer`` state, each flat buffer counts the steps each
+    parameter has taken (not exposed), so a parameter's first step starts its buffer as
+    a copy of the grad, as torch.optim does, even when GradScaler skipped earlier steps.
+    """
+
+    _state_keys = ("momentum_buffer",)
+
+    def __init__(self, params, lr=1e-3, momentum=0, dampening=0, weight_decay=0, nesterov=False, *,
+                 maximize=False, foreach=None, differentiable=False, fused=None):
+        if isinstance(lr, torch.Tensor) and lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        if lr < 0.0:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if momentum < 0.0:
+            raise ValueError(f"Invalid momentum value: {momentum}")
+        if weight_decay < 0.0:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+        reject_differentiable(differentiable)
+        defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                        nesterov=nesterov, maximize=maximize, foreach=foreach,
+                        differentiable=differentiable, fused=fused)
+        super().__init__(params, defaults)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("nesterov", False)
+            group.setdefault("maximize", False)
+            group.setdefault("foreach", None)
+            group.setdefault("differentiable", False)
+            group.setdefault("fused", False)
+
+    def _update_buffer(self, group, buf, rows, segments, grads, grad_scale, found_inf,
+                       grad_multiplier=None, zero_grads=False):
+        momentum = hyperparameter(group["momentum"])
+        if momentum != 0:
+            self._ensure_state(buf, rows, self._state_keys)
+        lr, lr_tensor = self._lr_arguments(group["lr"], buf.device)
+        ops.sgd_step_(
+            buf.data, buf.state["momentum_buffer"] if momentum != 0 else None, buf.step, grads, segments,
+            lr, lr_tensor, momentum, hyperparameter(group["dampening"]),
+            hyperparameter(group["weight_decay"]), group["nesterov"], group["maximize"],
+            grad_scale, found_inf, grad_multiplier, zero_grads)
+
+    def _adopt_state(self, p, state):
+        super()._adopt_state(p, state)
+        buf, i = self._slots[p]
+        buf.step[i] = 1.0 if state.get("momentum_buffer") is not None else 0.0
+
+    def state_dict(self):
+        """torch.optim's format. A momentum buffer whose parameter has not yet taken a
+        step (every step so far skipped by GradScaler) is left out, as torch.optim
+        would not have created it."""
+        state_dict = super().state_dict()
+        index = 0
+        for group, buffers in zip(self.param_groups, self._group_buffers):
+            for p in group["params"]:
+                entry = state_dict["state"].get(index)
+                if entry is not None and "momentum_buffer" in entry:
+                    buf, i = self._slots[p]
+                    if buf.step[i].item() == 0:
+                        del entry["momentum_buffer"]
+                        if not entry:
+                            del state_dict["state"][index]
+                index += 1
+        return state_dict

@@ -1,0 +1,74 @@
+"""Builds fusedopt's extensions ahead of time: `pip install --no-build-isolation -e .`
+
+* `fusedopt._C`: the op schemas, plus the CUDA kernels when this is a CUDA build.
+* `fusedopt._cpu_{default,avx2,avx512}`: the CPU kernels, compiled once per x86 ISA
+  level; fusedopt/ops.py loads the best one the running CPU supports, so a wheel built
+  here runs on any x86-64 CPU (no -march=native).
+
+CUDA kernels are built when torch is a CUDA build and a toolkit is found, never
+depending on a visible GPU, so a GPU-less CI machine still compiles and links them.
+"""
+import glob
+import os
+import platform
+
+import torch
+from setuptools import setup
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+CXX_FLAGS = ["-O3", "-fno-math-errno"]
+
+# Flags of ATen's own per-ISA builds; CPU_CAPABILITY picks at::vec's implementation.
+CPU_VARIANTS = {"default": ["-DCPU_CAPABILITY=DEFAULT", "-DCPU_CAPABILITY_DEFAULT"]}
+if platform.machine() in ("x86_64", "AMD64"):
+    CPU_VARIANTS["avx2"] = ["-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2",
+                            "-mavx2", "-mfma", "-mf16c"]
+    CPU_VARIANTS["avx512"] = ["-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512",
+                              "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma"]
+
+
+def cuda_build_wanted():
+    if os.environ.get("FUSEDOPT_NO_CUDA") == "1":
+        return False
+    return torch.version.cuda is not None and CUDA_HOME is not None
+
+
+def cuda_include_dirs():
+    # The CUDA build of torch ships the math-library headers (cusparse.h, ...) that a
+    # minimal toolkit such as /usr/local/cuda on these machines lacks.
+    site = os.path.dirname(os.path.dirname(torch.__file__))
+    return sorted(glob.glob(os.path.join(site, "nvidia", "cu*", "include")))
+
+
+def extensions():
+    csrc = os.path.join("csrc")
+    exts = []
+    for name, flags in CPU_VARIANTS.items():
+        exts.append(CppExtension(
+            f"fusedopt._cpu_{name}",
+            ["csrc/cpu/optimizer_kernels.cpp"],
+            include_dirs=[os.path.join(ROOT, csrc)],
+            extra_compile_args={"cxx": CXX_FLAGS + flags + [f"-DFUSEDOPT_CPU_ISA={name}"]},
+        ))
+    if cuda_build_wanted():
+        # No GPU to ask: default to Ampere and Hopper unless the user names archs.
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        exts.append(CUDAExtension(
+            "fusedopt._C",
+            ["csrc/ops.cpp", *sorted(glob.glob("csrc/cuda/*.cu"))],
+            include_dirs=[os.path.join(ROOT, csrc), *cuda_include_dirs()],
+            extra_compile_args={"cxx": CXX_FLAGS,
+                                "nvcc": ["-O3"]},
+            define_macros=[("FUSEDOPT_WITH_CUDA", None)],
+        ))
+    else:
+        exts.append(CppExtension("fusedopt._C", ["csrc/ops.cpp"],
+                                 extra_compile_args={"cxx": CXX_FLAGS}))
+    return exts
+
+
+setup(
+    ext_modules=extensions(),
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+)
