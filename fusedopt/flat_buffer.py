@@ -74,7 +74,9 @@ class FlatBuffer:
         self.step = torch.zeros(len(params), dtype=torch.float32, device=self.device)
         self.grad_buffer: torch.Tensor | None = None
         self.grad_views: list[torch.Tensor | None] = [None] * len(params)
-        self._all_rows = self._make_segments(range(len(params)))
+        self._all_indices = list(range(len(params)))
+        self._any_permuted = any(perm is not None for perm in self.grad_perms)
+        self._all_rows = self._make_segments(self._all_indices)
         self._segments_cache: dict[tuple[int, ...], torch.Tensor] = {}
 
     # --- layout -----------------------------------------------------------------
@@ -116,39 +118,26 @@ class FlatBuffer:
         """Reads every parameter's grad in place. Returns (rows, grads) where rows are
         the indices of parameters that have a grad and grads is what the kernels take:
         ``[flat grad buffer]`` when every grad is still a view of it, else one tensor per
-        row with its dims in the parameter's memory order. Raises StaleBufferError."""
-        rows = []
-        grads = []
-        flat = self.grad_buffer is not None
-        views = self.grad_views
-        for i, p in enumerate(self.params):
-            if p.data_ptr() != self.param_ptrs[i]:
-                raise StaleBufferError(i)
-            g = p.grad
-            if g is None:
-                continue
-            rows.append(i)
-            grads.append(g)
-            if flat and g is not views[i]:
-                flat = False
-        if flat and rows:
-            return rows, [self.grad_buffer]
-        return rows, [g if self.grad_perms[i] is None else g.permute(self.grad_perms[i])
-                      for i, g in zip(rows, grads)]
+        row with its dims in the parameter's memory order. Raises StaleBufferError.
 
-    def check_grads(self, rows: list[int], name: str) -> None:
-        """Rejects grads the kernels cannot take, before any buffer is updated."""
-        for i in rows:
-            p = self.params[i]
-            g = p.grad
-            if g is self.grad_views[i]:
-                continue
-            if g.is_sparse:
-                raise RuntimeError(f"{name} does not support sparse gradients")
-            if g.shape != p.shape or g.dtype != p.dtype or g.device != p.device:
-                raise RuntimeError(
-                    f"{name}: grad of shape {tuple(g.shape)}, {g.dtype} on {g.device} does not match "
-                    f"its parameter of shape {tuple(p.shape)}, {p.dtype} on {p.device}")
+        This runs every step over every parameter, so it is written for speed: torch
+        already checks shape, dtype and device when a grad is assigned."""
+        params = self.params
+        if list(map(torch.Tensor.data_ptr, params)) != self.param_ptrs:
+            raise StaleBufferError
+        grads = [p.grad for p in params]
+        if self.grad_buffer is not None and all(g is None or g is v for g, v in zip(grads, self.grad_views)):
+            rows = [i for i, g in enumerate(grads) if g is not None]
+            return rows, [self.grad_buffer] if rows else []
+        if any(g is None for g in grads):
+            rows = [i for i, g in enumerate(grads) if g is not None]
+            grads = [grads[i] for i in rows]
+        else:
+            rows = self._all_indices
+        if self._any_permuted:
+            perms = self.grad_perms
+            grads = [g if perms[i] is None else g.permute(perms[i]) for i, g in zip(rows, grads)]
+        return rows, grads
 
     def zero_grads_flat(self) -> None:
         """zero_grad(set_to_none=False): zeroes existing grads, keeping them as views of

@@ -33,6 +33,7 @@ class FusedOptimizer(Optimizer):
     _step_supports_amp_scaling = True
     # State keys torch.optim keeps per parameter, in its order; set by subclasses.
     _state_keys: tuple[str, ...] = ()
+    _sparse_grad_message = "fusedopt does not support sparse gradients"
 
     def __init__(self, params, defaults: dict[str, Any]):
         self._group_buffers: list[list[FlatBuffer]] = []
@@ -158,7 +159,8 @@ class FusedOptimizer(Optimizer):
                 collected = [buf.collect_grads() for buf in buffers]
             for buf, (rows, grads) in zip(buffers, collected):
                 if rows:
-                    buf.check_grads(rows, type(self).__name__)
+                    if any(g.is_sparse for g in grads):
+                        raise RuntimeError(self._sparse_grad_message)
                     work.append((group, buf, rows, grads))
         return work
 

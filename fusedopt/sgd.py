@@ -18,6 +18,8 @@ class SGD(FusedOptimizer):
     """
 
     _state_keys = ("momentum_buffer",)
+    # torch.optim.SGD takes sparse grads; fusedopt's flat kernels do not.
+    _sparse_grad_message = "fusedopt.SGD does not support sparse gradients; use torch.optim.SGD"
 
     def __init__(self, params, lr=1e-3, momentum=0, dampening=0, weight_decay=0, nesterov=False, *,
                  maximize=False, foreach=None, differentiable=False, fused=None):
