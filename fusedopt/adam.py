@@ -54,18 +54,19 @@ class Adam(FusedOptimizer):
             group.setdefault("decoupled_weight_decay", False)
             group.setdefault("fused", None)
 
-    def _update_buffer(self, group, buf, rows, segments, grads, grad_scale, found_inf,
-                       grad_multiplier=None, zero_grads=False):
-        amsgrad = group["amsgrad"]
-        self._ensure_state(buf, rows, self._state_keys if amsgrad else self._state_keys[:3])
+    def _group_state_keys(self, group):
+        return self._state_keys if group["amsgrad"] else self._state_keys[:3]
+
+    def _update_buffer(self, group, buf, segments, grads, transform):
         lr, lr_tensor = self._lr_arguments(group["lr"], buf.device)
         beta1, beta2 = group["betas"]
         ops.adam_step_(
-            buf.data, buf.state["exp_avg"], buf.state["exp_avg_sq"],
-            buf.state["max_exp_avg_sq"] if amsgrad else None, buf.step, grads, segments,
+            buf.data, buf.state_buffer("exp_avg"), buf.state_buffer("exp_avg_sq"),
+            buf.state_buffer("max_exp_avg_sq") if group["amsgrad"] else None, buf.step, grads, segments,
             lr, lr_tensor, hyperparameter(beta1), hyperparameter(beta2),
             hyperparameter(group["weight_decay"]), group["eps"], group["decoupled_weight_decay"],
-            group["maximize"], grad_scale, found_inf, grad_multiplier, zero_grads)
+            group["maximize"], transform.grad_scale, transform.found_inf, transform.grad_multiplier,
+            transform.zero_grads)
 
 
 class AdamW(Adam):

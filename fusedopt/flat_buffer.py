@@ -70,6 +70,9 @@ class FlatBuffer:
                 p.data = view
         self.param_ptrs = [p.data_ptr() for p in params]
         self.state: dict[str, torch.Tensor] = {}  # flat state buffers by torch.optim's key
+        # The state keys every parameter is known to have in optimizer.state (a fast
+        # path for the per-step check); None after anything replaced optimizer.state.
+        self.state_complete_for: tuple[str, ...] | None = None
         # float32 per-parameter step counters (torch.optim's state["step"]).
         self.step = torch.zeros(len(params), dtype=torch.float32, device=self.device)
         self.grad_buffer: torch.Tensor | None = None

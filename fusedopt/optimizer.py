@@ -6,11 +6,14 @@ flat buffer.
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.amp.grad_scaler import OptState
 from torch.optim import Optimizer
 
+from . import ops
 from .flat_buffer import FlatBuffer, StaleBufferError
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -28,6 +31,21 @@ def hyperparameter(value: Any) -> float:
     return value.item() if isinstance(value, torch.Tensor) else value
 
 
+@dataclass
+class GradTransform:
+    """What the kernel does to a grad before the update, and after reading it."""
+    grad_scale: torch.Tensor | None = None       # GradScaler's scale: divide by it
+    found_inf: torch.Tensor | None = None        # non-zero: skip the whole step
+    grad_multiplier: torch.Tensor | None = None  # clip coefficient from clip_grad_norm_
+    zero_grads: bool = False                     # write zeros over the grads once read
+
+    def on(self, device: torch.device) -> "GradTransform":
+        def move(t):
+            return t if t is None or t.device == device else t.to(device, non_blocking=True)
+        return GradTransform(move(self.grad_scale), move(self.found_inf), move(self.grad_multiplier),
+                             self.zero_grads)
+
+
 class FusedOptimizer(Optimizer):
     # GradScaler hands us grad_scale / found_inf instead of unscaling and syncing itself.
     _step_supports_amp_scaling = True
@@ -38,6 +56,8 @@ class FusedOptimizer(Optimizer):
     def __init__(self, params, defaults: dict[str, Any]):
         self._group_buffers: list[list[FlatBuffer]] = []
         self._slots: dict[torch.Tensor, tuple[FlatBuffer, int]] = {}
+        # Clip coefficient from clip_grad_norm_, applied inside the next step's kernel.
+        self._pending_grad_multiplier: torch.Tensor | None = None
         super().__init__(params, defaults)
 
     # --- packing ------------------------------------------------------------------
@@ -113,6 +133,8 @@ class FusedOptimizer(Optimizer):
     def _ensure_state(self, buf: FlatBuffer, rows: list[int], keys: tuple[str, ...]) -> None:
         """torch.optim creates state on a parameter's first step with a grad; so do we,
         as views into zero-initialised flat buffers."""
+        if buf.state_complete_for == keys:
+            return
         flats = [(key, buf.state_buffer(key)) for key in keys]
         state = self.state
         for i in rows:
@@ -126,6 +148,8 @@ class FusedOptimizer(Optimizer):
             for key, flat in flats:
                 if key not in entry:
                     entry[key] = buf.view_of(flat, i)
+        if len(rows) == len(buf.params):
+            buf.state_complete_for = keys
 
     # --- grads --------------------------------------------------------------------
     @torch.no_grad()
@@ -133,6 +157,7 @@ class FusedOptimizer(Optimizer):
         """As torch.optim. With ``set_to_none=False`` the grads become views of one flat
         grad buffer per flat param buffer, zeroed in a single pass, and later steps read
         that buffer as one range (fusedopt's fastest path)."""
+        self._pending_grad_multiplier = None
         if set_to_none:
             for group in self.param_groups:
                 for p in group["params"]:
@@ -164,17 +189,6 @@ class FusedOptimizer(Optimizer):
                     work.append((group, buf, rows, grads))
         return work
 
-    def _amp_tensors(self, device: torch.device):
-        """GradScaler's grad_scale and found_inf for a buffer on ``device``, if a scaler
-        drives this step."""
-        grad_scale = getattr(self, "grad_scale", None)
-        found_inf = getattr(self, "found_inf", None)
-        if grad_scale is not None and grad_scale.device != device:
-            grad_scale = grad_scale.to(device, non_blocking=True)
-        if found_inf is not None and found_inf.device != device:
-            found_inf = found_inf.to(device, non_blocking=True)
-        return grad_scale, found_inf
-
     @staticmethod
     def _lr_arguments(lr, device: torch.device):
         """(lr as float, lr as tensor or None): a tensor lr is read by the kernel on the
@@ -185,18 +199,90 @@ class FusedOptimizer(Optimizer):
 
     # --- step ---------------------------------------------------------------------
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure=None, *, zero_grad: bool = False):
+        """As torch.optim. ``zero_grad=True`` zeroes the grads inside the update pass
+        (what ``zero_grad(set_to_none=False)`` would do after the step, without a second
+        pass over them), also on a step GradScaler skips."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        transform = GradTransform(getattr(self, "grad_scale", None), getattr(self, "found_inf", None),
+                                  self._pending_grad_multiplier, zero_grad)
+        self._pending_grad_multiplier = None
+        # A step GradScaler skips creates no state, as with torch.optim. Only a CPU
+        # found_inf is read here; a CUDA one is left to the kernel (no host sync), and
+        # the state it leaves is all zeros and counts no step.
+        found_inf = transform.found_inf
+        skipped = found_inf is not None and found_inf.device.type == "cpu" and bool(found_inf.item())
         for group, buf, rows, grads in self._collect_work():
-            grad_scale, found_inf = self._amp_tensors(buf.device)
-            self._update_buffer(group, buf, rows, buf.segments(rows), grads, grad_scale, found_inf)
+            self._update_buffer(group, buf, buf.segments(rows), grads, transform.on(buf.device))
+            if not skipped:
+                self._ensure_state(buf, rows, self._group_state_keys(group))
         return loss
 
-    def _update_buffer(self, group, buf, rows, segments, grads, grad_scale, found_inf) -> None:
+    def _group_state_keys(self, group) -> tuple[str, ...]:
         raise NotImplementedError
+
+    def _update_buffer(self, group, buf: FlatBuffer, segments, grads, transform: GradTransform) -> None:
+        raise NotImplementedError
+
+    # --- gradient clipping ----------------------------------------------------------
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False,
+                        *, grad_scaler: torch.amp.GradScaler | None = None) -> torch.Tensor:
+        """``torch.nn.utils.clip_grad_norm_`` over this optimizer's parameters, fused.
+
+        The norm is one reduction pass over the grads (inf/nan make it non-finite); the
+        clip coefficient is not applied to the grads here but inside the next ``step()``
+        kernel, so the grads themselves keep their unclipped values until then.
+
+        With ``grad_scaler`` (a GradScaler whose ``scale(loss).backward()`` produced the
+        grads) this also stands in for ``grader_scaler.unscale_(self)``: the norm of the
+        scaled grads is unscaled, inf/nan found in the same pass are reported to the
+        scaler, and the kernel unscales the grads during the step. That saves GradScaler's
+        own pass over the grads. Returns the total norm (of the unscaled grads).
+        """
+        norm_type = float(norm_type)
+        work = self._collect_work()
+        if not work:
+            return torch.tensor(0.0)
+        norms = [ops.grad_norm(grads, buf.segments(rows), norm_type) for _, buf, rows, grads in work]
+        device = norms[0].device
+        total = torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]), norm_type)
+        if grad_scaler is not None and grad_scaler.is_enabled():
+            total = self._unscale_norm_for(grad_scaler, total)
+        dtypes = {buf.dtype for _, buf, _, _ in work}
+        if len(dtypes) == 1:  # torch.nn.utils.clip_grad_norm_ returns the grads' dtype
+            total = total.to(dtypes.pop())
+        if self._pending_grad_multiplier is not None:  # grads already clipped once
+            total = total * self._pending_grad_multiplier.to(total.device)
+        if error_if_nonfinite and (total.isnan() or total.isinf()):
+            raise RuntimeError(
+                f"The total norm of order {norm_type} for gradients from `parameters` is non-finite, "
+                "so it cannot be clipped. To disable this error and scale the gradients by the "
+                "non-finite norm anyway, set `error_if_nonfinite=False`")
+        coefficient = torch.clamp(max_norm / (total.float() + 1e-6), max=1.0)
+        if self._pending_grad_multiplier is not None:
+            coefficient = coefficient * self._pending_grad_multiplier.to(coefficient.device)
+        self._pending_grad_multiplier = coefficient
+        return total
+
+    def _unscale_norm_for(self, grad_scaler: torch.amp.GradScaler, scaled_norm: torch.Tensor) -> torch.Tensor:
+        """Takes the place of ``grad_scaler.unscale_(self)``: records found_inf and the
+        UNSCALED stage in the scaler, and leaves ``self.grad_scale`` for the step kernel
+        to divide by (GradScaler.step keeps an optimizer's grad_scale in that stage)."""
+        state = grad_scaler._per_optimizer_states[id(self)]
+        if state["stage"] is OptState.UNSCALED:
+            raise RuntimeError("unscale_() has already been called on this optimizer since the last update().")
+        if state["stage"] is OptState.STEPPED:
+            raise RuntimeError("unscale_() is being called after step().")
+        scale = grad_scaler._scale
+        found_inf = (~torch.isfinite(scaled_norm)).to(torch.float32)
+        state["found_inf_per_device"] = {found_inf.device: found_inf.to(scale.device)}
+        state["stage"] = OptState.UNSCALED
+        self.grad_scale = scale
+        return scaled_norm * scale.double().reciprocal().float().to(scaled_norm.device)
 
     # --- checkpoints ----------------------------------------------------------------
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -211,6 +297,7 @@ class FusedOptimizer(Optimizer):
                 for flat in buf.state.values():
                     flat.zero_()
                 buf.step.zero_()
+                buf.state_complete_for = None
         for p, state in loaded.items():
             if p in self._slots:
                 self._adopt_state(p, state)

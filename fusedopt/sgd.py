@@ -48,17 +48,17 @@ class SGD(FusedOptimizer):
             group.setdefault("differentiable", False)
             group.setdefault("fused", False)
 
-    def _update_buffer(self, group, buf, rows, segments, grads, grad_scale, found_inf,
-                       grad_multiplier=None, zero_grads=False):
+    def _group_state_keys(self, group):
+        return self._state_keys if hyperparameter(group["momentum"]) != 0 else ()
+
+    def _update_buffer(self, group, buf, segments, grads, transform):
         momentum = hyperparameter(group["momentum"])
-        if momentum != 0:
-            self._ensure_state(buf, rows, self._state_keys)
         lr, lr_tensor = self._lr_arguments(group["lr"], buf.device)
         ops.sgd_step_(
-            buf.data, buf.state["momentum_buffer"] if momentum != 0 else None, buf.step, grads, segments,
-            lr, lr_tensor, momentum, hyperparameter(group["dampening"]),
+            buf.data, buf.state_buffer("momentum_buffer") if momentum != 0 else None, buf.step, grads,
+            segments, lr, lr_tensor, momentum, hyperparameter(group["dampening"]),
             hyperparameter(group["weight_decay"]), group["nesterov"], group["maximize"],
-            grad_scale, found_inf, grad_multiplier, zero_grads)
+            transform.grad_scale, transform.found_inf, transform.grad_multiplier, transform.zero_grads)
 
     def _adopt_state(self, p, state):
         super()._adopt_state(p, state)

@@ -333,6 +333,13 @@ void zero_strided_grads(at::TensorList grads, bool flat_grads, bool zero_grads) 
     if (!g.is_contiguous()) const_cast<at::Tensor&>(g).zero_();
 }
 
+// A step GradScaler skips still owes the caller zeroed grads (else the overflowed
+// values would accumulate into the next backward).
+void zero_grads_of_skipped_step(at::TensorList grads, bool zero_grads) {
+  if (!zero_grads) return;
+  for (const at::Tensor& g : grads) const_cast<at::Tensor&>(g).zero_();
+}
+
 // Advances the counter of every parameter in the table (before its update reads it,
 // as torch.optim does).
 void advance_steps(at::Tensor& step, const int64_t* seg, int64_t num_segments) {
@@ -353,7 +360,10 @@ void adam_step_cpu(at::Tensor& param, at::Tensor& exp_avg, at::Tensor& exp_avg_s
   const bool amsgrad = max_exp_avg_sq.has_value();
   if (amsgrad) check_flat(*max_exp_avg_sq, param, "max_exp_avg_sq");
   const StepControl control = step_control(lr, lr_tensor, found_inf);
-  if (control.skip) return;
+  if (control.skip) {
+    zero_grads_of_skipped_step(grads, zero_grads);
+    return;
+  }
 
   const int64_t* seg = segments.data_ptr<int64_t>();
   advance_steps(step, seg, segments.size(0));
@@ -383,7 +393,10 @@ void sgd_step_cpu(at::Tensor& param, const std::optional<at::Tensor>& momentum_b
   const bool has_momentum = momentum_buffer.has_value();
   if (has_momentum) check_flat(*momentum_buffer, param, "momentum_buffer");
   const StepControl control = step_control(lr, lr_tensor, found_inf);
-  if (control.skip) return;
+  if (control.skip) {
+    zero_grads_of_skipped_step(grads, zero_grads);
+    return;
+  }
 
   const int64_t* seg = segments.data_ptr<int64_t>();
   const int64_t num_segments = segments.size(0);
