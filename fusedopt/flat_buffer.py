@@ -68,7 +68,7 @@ class FlatBuffer:
                 view = self.data.as_strided(p.shape, stride, offset)
                 view.copy_(p)
                 p.data = view
-        self.param_ptrs = [p.data_ptr() for p in params]
+        self.param_ptrs = self._slot_addresses()
         self.state: dict[str, torch.Tensor] = {}  # flat state buffers by torch.optim's key
         # The state keys every parameter is known to have in optimizer.state (a fast
         # path for the per-step check); None after anything replaced optimizer.state.
@@ -105,8 +105,16 @@ class FlatBuffer:
             table = self._segments_cache[key] = self._make_segments(rows)
         return table
 
-    def is_stale(self) -> bool:
-        return any(p.data_ptr() != ptr for p, ptr in zip(self.params, self.param_ptrs))
+    def _slot_addresses(self) -> list[int]:
+        # Asked of the views themselves: an empty tensor reports address 0.
+        return [self.view_of(self.data, i).data_ptr() for i in range(len(self.params))]
+
+    def __setstate__(self, state):
+        # A copy (deepcopy, unpickling) has its buffer at new addresses, and its params
+        # may not point into it (Parameter.__deepcopy__ clones); the next step sees
+        # that and re-packs, carrying the state over.
+        self.__dict__.update(state)
+        self.param_ptrs = self._slot_addresses()
 
     # --- state ------------------------------------------------------------------
     def state_buffer(self, key: str) -> torch.Tensor:
@@ -143,8 +151,11 @@ class FlatBuffer:
         return rows, grads
 
     def zero_grads_flat(self) -> None:
-        """zero_grad(set_to_none=False): zeroes existing grads, keeping them as views of
-        one flat grad buffer so the next step reads a single range."""
+        """zero_grad(set_to_none=False): zeroes existing grads in place, as torch does.
+        A standalone grad is moved into one flat grad buffer first (the same tensor
+        object, re-pointed with ``set_``), so this zeroing and later steps each cover
+        one range. A grad that is a view of someone else's buffer (DDP's bucket views)
+        is zeroed where it is and left there."""
         if self.grad_buffer is None:
             self.grad_buffer = torch.zeros_like(self.data)
         else:
@@ -153,13 +164,15 @@ class FlatBuffer:
             g = p.grad
             if g is None or g is self.grad_views[i]:
                 continue
-            if g.shape != p.shape or g.dtype != p.dtype or g.device != p.device or g.is_sparse:
-                # Not something the buffer can stand in for: zero it where it is, as torch does.
-                g.detach_() if g.grad_fn is not None else g.requires_grad_(False)
+            if g.grad_fn is not None:
+                g.detach_()
+            else:
+                g.requires_grad_(False)
+            if g._base is not None or g.is_sparse or g.dtype != self.dtype or g.device != self.device:
                 g.zero_()
                 continue
-            view = self.grad_views[i] = self.view_of(self.grad_buffer, i)
-            p.grad = view
+            g.set_(self.grad_buffer.untyped_storage(), self.offsets[i], p.shape, p.stride())
+            self.grad_views[i] = g
 
     def release_grad_buffer(self) -> None:
         self.grad_buffer = None

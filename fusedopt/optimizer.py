@@ -60,6 +60,14 @@ class FusedOptimizer(Optimizer):
         self._pending_grad_multiplier: torch.Tensor | None = None
         super().__init__(params, defaults)
 
+    def __getstate__(self) -> dict[str, Any]:
+        # copy.deepcopy((model, optimizer)) and pickling must carry the flat buffers:
+        # parameters and state are views into them.
+        state = super().__getstate__()
+        state.update(_group_buffers=self._group_buffers, _slots=self._slots,
+                     _pending_grad_multiplier=self._pending_grad_multiplier)
+        return state
+
     # --- packing ------------------------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
@@ -72,24 +80,29 @@ class FusedOptimizer(Optimizer):
         self._group_buffers.append(self._pack(params))
 
     def _check_packable(self, params: list[torch.Tensor]) -> None:
+        name = type(self).__name__
+        if len(set(params)) != len(params):
+            # torch.optim warns and then updates such a parameter twice per step; one slot
+            # in a flat buffer cannot do that, and updating it once would differ silently.
+            raise ValueError(f"{name}: a parameter group lists the same parameter more than once")
+        check_no_shared_memory(params, name)
         for p in params:
             if p.is_complex():
-                raise ValueError(f"{type(self).__name__}: complex parameters are not supported by "
+                raise ValueError(f"{name}: complex parameters are not supported by "
                                  "fusedopt; use torch.optim or pass torch.view_as_real(p)")
             if p.dtype not in SUPPORTED_DTYPES:
-                raise ValueError(f"{type(self).__name__}: parameters of dtype {p.dtype} are not "
+                raise ValueError(f"{name}: parameters of dtype {p.dtype} are not "
                                  f"supported (supported: {', '.join(map(str, SUPPORTED_DTYPES))})")
             if p.device.type not in SUPPORTED_DEVICE_TYPES:
-                raise ValueError(f"{type(self).__name__}: parameters on {p.device} are not supported")
+                raise ValueError(f"{name}: parameters on {p.device} are not supported")
             if p.device.type == "cuda" and not _cuda_kernels_built():
                 raise RuntimeError("fusedopt was built without CUDA kernels; reinstall it on a "
                                    "machine with a CUDA build of torch and the CUDA toolkit")
 
     def _pack(self, params: list[torch.Tensor]) -> list[FlatBuffer]:
-        """One flat buffer per (device, dtype), in order of first appearance. A
-        parameter listed twice (torch.optim warns) is packed once."""
+        """One flat buffer per (device, dtype), in order of first appearance."""
         by_key: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
-        for p in dict.fromkeys(params):
+        for p in params:
             by_key.setdefault((p.device, p.dtype), []).append(p)
         buffers = [FlatBuffer(ps) for ps in by_key.values()]
         for buf in buffers:
@@ -124,7 +137,7 @@ class FusedOptimizer(Optimizer):
                 adopted[key] = buf.step[i]
             elif torch.is_tensor(value) and key in self._state_keys:
                 view = buf.view_of(buf.state_buffer(key), i)
-                view.copy_(value.reshape(p.shape))
+                view.copy_(value)
                 adopted[key] = view
             else:
                 adopted[key] = value
@@ -133,7 +146,7 @@ class FusedOptimizer(Optimizer):
     def _ensure_state(self, buf: FlatBuffer, rows: list[int], keys: tuple[str, ...]) -> None:
         """torch.optim creates state on a parameter's first step with a grad; so do we,
         as views into zero-initialised flat buffers."""
-        if buf.state_complete_for == keys:
+        if buf.state_complete_for == keys or not keys:
             return
         flats = [(key, buf.state_buffer(key)) for key in keys]
         state = self.state
@@ -325,10 +338,27 @@ class FusedOptimizer(Optimizer):
                         raise ValueError(f"loaded state dict has a 'step' of shape {tuple(value.shape)} "
                                          f"for parameter {index}; expected a scalar")
                 elif key in self._state_keys and value is not None:
-                    if not torch.is_tensor(value) or value.numel() != p.numel():
+                    if not torch.is_tensor(value) or value.shape != p.shape:
                         shape = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
                         raise ValueError(f"loaded state dict has '{key}' of shape {shape} for parameter "
                                          f"{index} of shape {tuple(p.shape)}")
+
+
+def check_no_shared_memory(params: list[torch.Tensor], name: str) -> None:
+    """Parameters whose memory overlaps (two Parameters over one tensor) are updated
+    through each other by torch.optim; flat buffers would silently untie them."""
+    spans = []
+    for index, p in enumerate(params):
+        if p.numel() == 0:
+            continue
+        start = p.storage_offset()
+        end = start + sum((size - 1) * stride for size, stride in zip(p.shape, p.stride())) + 1
+        spans.append((p.untyped_storage().data_ptr(), start * p.element_size(), end * p.element_size(), index))
+    spans.sort()
+    for (storage_a, _, end_a, a), (storage_b, start_b, _, b) in zip(spans, spans[1:]):
+        if storage_a == storage_b and start_b < end_a:
+            raise ValueError(f"{name}: parameters {a} and {b} share memory; fusedopt packs each "
+                             "parameter into its own slot and cannot keep them tied")
 
 
 def _cuda_kernels_built() -> bool:
