@@ -1,0 +1,94 @@
+"""The fusedopt ops themselves: torch.library.opcheck (schema, fake kernel, aliasing)
+on every op and device, and the contracts of csrc/segment_table.h."""
+import pytest
+import torch
+
+import fusedopt  # noqa: F401  (loads the kernels)
+from fusedopt import ops
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def segment_table(rows, device):
+    return torch.tensor(rows, dtype=torch.int64, device=device).reshape(-1, 3)
+
+
+def flat_inputs(device, dtype=torch.float32):
+    """Two params of 5 and 3 elements at offsets 0 and 16 of a 19-element buffer."""
+    gen = torch.Generator().manual_seed(0)
+    make = lambda n: torch.randn(n, generator=gen).to(device, dtype)
+    segments = segment_table([[0, 5, 0], [16, 3, 1]], device)
+    per_segment_grads = [make(5), make(3)]
+    return make(19), segments, per_segment_grads
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_adam_step_passes_opcheck(device, amsgrad):
+    param, segments, grads = flat_inputs(device)
+    state = [torch.zeros_like(param) for _ in range(3)]
+    step = torch.zeros(2, device=device)
+    torch.library.opcheck(ops.adam_step_, (
+        param, state[0], state[1], state[2] if amsgrad else None, step, grads, segments,
+        1e-3, None, 0.9, 0.999, 0.01, 1e-8, True, False, None, None, None, False))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_sgd_step_passes_opcheck(device, momentum):
+    param, segments, grads = flat_inputs(device)
+    buf = torch.zeros_like(param) if momentum else None
+    step = torch.zeros(2, device=device)
+    torch.library.opcheck(ops.sgd_step_, (
+        param, buf, step, grads, segments, 0.1, None, momentum, 0.0, 0.0, False, False,
+        None, None, None, False))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("norm_type", [2.0, float("inf"), 1.5])
+def test_grad_norm_passes_opcheck_and_matches_torch(device, norm_type):
+    _, segments, grads = flat_inputs(device)
+    torch.library.opcheck(ops.grad_norm, (grads, segments, norm_type))
+    expected = torch.linalg.vector_norm(torch.cat(grads), norm_type)
+    torch.testing.assert_close(ops.grad_norm(grads, segments, norm_type), expected)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_flat_grad_buffer_and_per_segment_grads_give_the_same_update(device):
+    """The two forms of the grads list in csrc/segment_table.h read the same values;
+    padding between segments is never touched."""
+    param, segments, grads = flat_inputs(device)
+    flat_grad = torch.zeros_like(param)
+    flat_grad[0:5], flat_grad[16:19] = grads
+    results = []
+    for grads_list in (grads, [flat_grad]):
+        p, step = param.clone(), torch.zeros(2, device=device)
+        ops.sgd_step_(p, None, step, grads_list, segments, 0.5, None, 0.0, 0.0, 0.0, False, False,
+                      None, None, None, False)
+        results.append(p)
+        assert torch.equal(p[5:16], param[5:16])
+        assert step.tolist() == [1.0, 1.0]
+    torch.testing.assert_close(results[0], results[1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_strided_grad_is_read_in_logical_order(device):
+    """A per-segment grad may be a strided view; the kernel reads it in place in
+    row-major logical order (what a contiguous copy would hold)."""
+    grad = torch.randn(6, 4).to(device).t()  # 4x6, not contiguous
+    param = torch.zeros(24, device=device)
+    segments = segment_table([[0, 24, 0]], device)
+    ops.sgd_step_(param, None, torch.zeros(1, device=device), [grad], segments, 1.0, None, 0.0, 0.0, 0.0,
+                  False, False, None, None, None, False)
+    torch.testing.assert_close(param, -grad.contiguous().flatten(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_kernel_rejects_a_grad_of_the_wrong_size_before_writing(device):
+    param, segments, grads = flat_inputs(device)
+    before = param.clone()
+    grads[1] = grads[1][:2]
+    with pytest.raises(RuntimeError, match="grad 1 has 2 elements"):
+        ops.sgd_step_(param, None, torch.zeros(2, device=device), grads, segments, 0.1, None, 0.0, 0.0,
+                      0.0, False, False, None, None, None, False)
+    assert torch.equal(param, before)
