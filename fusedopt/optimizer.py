@@ -285,6 +285,7 @@ class FusedOptimizer(Optimizer):
         """Takes the place of ``grad_scaler.unscale_(self)``: records found_inf and the
         UNSCALED stage in the scaler, and leaves ``self.grad_scale`` for the step kernel
         to divide by (GradScaler.step keeps an optimizer's grad_scale in that stage)."""
+        grad_scaler._check_scale_growth_tracker("unscale_")  # torch's error if scale() never ran
         state = grad_scaler._per_optimizer_states[id(self)]
         if state["stage"] is OptState.UNSCALED:
             raise RuntimeError("unscale_() has already been called on this optimizer since the last update().")
