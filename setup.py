@@ -52,8 +52,9 @@ def extensions():
             extra_compile_args={"cxx": CXX_FLAGS + flags + [f"-DFUSEDOPT_CPU_ISA={name}"]},
         ))
     if cuda_build_wanted():
-        # No GPU to ask: default to Ampere and Hopper unless the user names archs.
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        # No GPU to ask: default to Ampere and Hopper (plus Hopper PTX, so newer GPUs
+        # can JIT it) unless the user names archs.
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
         exts.append(CUDAExtension(
             "fusedopt._C",
             ["csrc/ops.cpp", *sorted(glob.glob("csrc/cuda/*.cu"))],

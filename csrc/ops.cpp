@@ -16,9 +16,10 @@ PyObject* PyInit__C(void) {
 TORCH_LIBRARY(fusedopt, m) {
   // Adam and AdamW over one flat buffer. amsgrad iff max_exp_avg_sq is given;
   // `step` holds one float32 counter per parameter (torch.optim's state["step"]).
-  // On found_inf != 0 nothing is written. grad_scale divides and grad_multiplier
-  // (a clip coefficient) multiplies the grad before the update; zero_grads writes
-  // zeros over the grads that were read.
+  // On found_inf != 0 no param, state or step is written (with zero_grads the grads
+  // are still zeroed). grad_scale divides and grad_multiplier (a clip coefficient)
+  // multiplies the grad before the update; zero_grads writes zeros over the grads
+  // that were read.
   m.def(
       "adam_step_(Tensor(a!) param, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, "
       "Tensor(d!)? max_exp_avg_sq, Tensor(e!) step, Tensor(f!)[] grads, Tensor segments, "

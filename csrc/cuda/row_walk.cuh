@@ -1,0 +1,298 @@
+// How the CUDA kernels find their work: which rows of the segment table (and which
+// elements of them) a warp owns, where each row's grad lives, and how to read it.
+//
+// [note: index space] The launch splits one linear index space into equal,
+// 256-element-aligned ranges, one per warp. For a flat grad buffer that space is the
+// flat buffer itself (row r spans [flat_offset, flat_offset + numel)). For one grad per
+// row it is the rows packed back to back, each padded to kRowPad elements: the host
+// knows the grads' sizes but not the device-resident segment table, and the padding
+// keeps a warp's first element in a row at a multiple of kRowPad, so 128-bit accesses
+// stay aligned when the range starts inside a row. Either way a warp binary-searches
+// its first row once and then walks rows forward, so many small parameters cost one
+// search, not one per parameter, and the warps on an SM walk independently.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <c10/macros/Macros.h>
+
+#include <cstdint>
+
+#include "segment_table.h"
+
+namespace fusedopt {
+namespace cuda {
+
+constexpr int kWarpSize = 32;
+constexpr int kThreadsPerBlock = 256;
+constexpr int kWarpsPerBlock = kThreadsPerBlock / kWarpSize;
+// Granularity of a warp's range; a multiple of kRowPad and of every vector width.
+constexpr int64_t kWarpRangeGranule = 256;
+// Packed rows start at multiples of this (>= 16 bytes for every dtype). It also charges
+// tiny parameters a few elements' worth of their per-row overhead in the load balance.
+constexpr int64_t kRowPad = 32;
+
+// The per-row grad table (one grad per row) as uploaded, in int64 words:
+//   [0, n + 1)            packed start of each row, then the packed end
+//   [n + 1, n + 1 + 3n)   per row: data pointer, numel, shape word index (-1: contiguous)
+//   [...]                 shapes of strided grads: ndim, sizes[ndim], strides[ndim]
+constexpr int64_t kRowWords = 3;
+
+// A 0-dim/1-element tensor argument (grad_scale, found_inf, lr_tensor), read by the
+// kernel on the device, or passed by value when the caller gave a CPU tensor.
+struct ScalarArg {
+  enum Kind : int32_t { kAbsent, kHostValue, kDeviceFloat, kDeviceDouble };
+  Kind kind = kAbsent;
+  const void* ptr = nullptr;
+  double host_value = 0.0;
+
+  C10_DEVICE bool present() const { return kind != kAbsent; }
+  C10_DEVICE double value() const {
+    switch (kind) {
+      case kDeviceFloat: return static_cast<double>(*static_cast<const float*>(ptr));
+      case kDeviceDouble: return *static_cast<const double*>(ptr);
+      default: return host_value;
+    }
+  }
+  C10_DEVICE double value_or(double fallback) const { return present() ? value() : fallback; }
+  C10_DEVICE bool is_set() const { return present() && value() != 0.0; }
+};
+
+// One row's grad: contiguous from `data`, or a strided view described by `shape`.
+template <typename scalar_t>
+struct GradRef {
+  scalar_t* data;
+  const int64_t* shape;  // nullptr when contiguous; else ndim, sizes..., strides...
+  bool narrow;           // every logical index fits 32 bits: cheaper division
+
+  // Memory offset of the element at row-major logical index j.
+  C10_DEVICE int64_t offset(int64_t j) const {
+    if (shape == nullptr) return j;
+    const int ndim = static_cast<int>(shape[0]);
+    const int64_t* sizes = shape + 1;
+    const int64_t* strides = shape + 1 + ndim;
+    int64_t off = 0;
+    if (narrow) {
+      uint32_t rest = static_cast<uint32_t>(j);
+      for (int d = ndim - 1; d > 0; --d) {
+        const uint32_t size = static_cast<uint32_t>(sizes[d]);
+        off += static_cast<int64_t>(rest % size) * strides[d];
+        rest /= size;
+      }
+      return off + static_cast<int64_t>(rest) * strides[0];
+    }
+    for (int d = ndim - 1; d > 0; --d) {
+      off += (j % sizes[d]) * strides[d];
+      j /= sizes[d];
+    }
+    return off + j * strides[0];
+  }
+};
+
+// Kernel argument describing the index space and where the grads are.
+struct RowWalk {
+  const int64_t* segments;
+  int64_t num_segments;
+  int64_t space;       // length of the index space
+  int64_t per_warp;    // elements of the space per warp, a multiple of kWarpRangeGranule
+  const int64_t* table;  // the per-row grad table, or nullptr for one flat grad buffer
+  void* flat_grad;
+};
+
+// This warp's part [begin, end) of the index space; empty past its end.
+struct WarpRange {
+  int64_t begin, end;
+};
+
+C10_DEVICE inline WarpRange warp_range(const RowWalk& walk) {
+  const int64_t warp = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kWarpSize;
+  const int64_t begin = ::min(walk.space, warp * walk.per_warp);
+  return {begin, ::min(walk.space, begin + walk.per_warp)};
+}
+
+// The first row whose extent in the index space ends after `position`.
+C10_DEVICE inline int64_t first_row_ending_after(const RowWalk& walk, int64_t position) {
+  const int64_t* seg = walk.segments;
+  int64_t lo = 0, hi = walk.num_segments;
+  while (lo < hi) {
+    const int64_t mid = lo + (hi - lo) / 2;
+    const int64_t row_end = walk.table != nullptr
+                                ? walk.table[mid + 1]
+                                : seg[mid * kSegmentColumns + kFlatOffset] + seg[mid * kSegmentColumns + kNumel];
+    if (row_end <= position) lo = mid + 1;
+    else hi = mid;
+  }
+  return lo;
+}
+
+C10_DEVICE inline const int64_t* table_row(const RowWalk& walk, int64_t r) {
+  return walk.table + (walk.num_segments + 1) + r * kRowWords;
+}
+
+template <typename scalar_t>
+C10_DEVICE inline GradRef<scalar_t> table_grad(const RowWalk& walk, const int64_t* row, int64_t grad_base) {
+  // Table addresses arrive as integers; without the assumption the compiler emits
+  // generic loads and stores for them.
+  scalar_t* data = reinterpret_cast<scalar_t*>(row[0]);
+  __builtin_assume(__isGlobal(data));
+  return {data + grad_base, row[2] < 0 ? nullptr : walk.table + row[2],
+          row[1] <= static_cast<int64_t>(UINT32_MAX)};
+}
+
+// Calls body(row, flat_offset, j0, j1, grad) for every row this warp owns part of, with
+// [j0, j1) that part in row-local elements. All lanes of the warp make the same calls.
+template <typename scalar_t, typename Body>
+C10_DEVICE inline void for_each_owned_row(const RowWalk& walk, const Body& body) {
+  const auto [begin, end] = warp_range(walk);
+  if (begin == end) return;
+  const int64_t* seg = walk.segments;
+  for (int64_t r = first_row_ending_after(walk, begin); r < walk.num_segments; ++r) {
+    const int64_t flat_offset = seg[r * kSegmentColumns + kFlatOffset];
+    const int64_t segment_numel = seg[r * kSegmentColumns + kNumel];
+    int64_t row_start, numel;
+    GradRef<scalar_t> grad;
+    if (walk.table == nullptr) {
+      row_start = flat_offset;
+      numel = segment_numel;
+      grad = {static_cast<scalar_t*>(walk.flat_grad) + flat_offset, nullptr, true};
+    } else {
+      const int64_t* row = table_row(walk, r);
+      const int64_t grad_numel = row[1];
+      // segment_table.h's grads_are_flat, decided here because only the device knows
+      // the row's numel: a lone grad of another size than its lone row is the flat grad
+      // buffer, holding the row at its flat offset.
+      const int64_t grad_base = grad_numel != segment_numel && row[2] < 0 ? flat_offset : 0;
+      row_start = walk.table[r] + grad_base;
+      numel = ::max(int64_t(0), ::min(segment_numel, grad_numel - grad_base));
+      grad = table_grad<scalar_t>(walk, row, grad_base);
+    }
+    if (row_start >= end) break;
+    const int64_t j0 = ::max(begin - row_start, int64_t(0));
+    const int64_t j1 = ::min(end - row_start, numel);
+    if (j0 < j1) body(r, flat_offset, j0, j1, grad);
+  }
+}
+
+// Zeroes every element of every grad this warp owns part of (the whole flat grad
+// buffer, or each grad tensor whole), as the CPU kernels do on a step found_inf skips.
+template <typename scalar_t>
+C10_DEVICE inline void zero_owned_grads(const RowWalk& walk) {
+  const auto [begin, end] = warp_range(walk);
+  const int lane = threadIdx.x % kWarpSize;
+  if (walk.table == nullptr) {
+    scalar_t* flat = static_cast<scalar_t*>(walk.flat_grad);
+    for (int64_t i = begin + lane; i < end; i += kWarpSize) flat[i] = scalar_t(0);
+    return;
+  }
+  if (begin == end) return;
+  for (int64_t r = first_row_ending_after(walk, begin); r < walk.num_segments && walk.table[r] < end; ++r) {
+    const int64_t* row = table_row(walk, r);
+    const GradRef<scalar_t> grad = table_grad<scalar_t>(walk, row, 0);
+    const int64_t j1 = ::min(end - walk.table[r], row[1]);
+    for (int64_t j = ::max(begin - walk.table[r], int64_t(0)) + lane; j < j1; j += kWarpSize)
+      grad.data[grad.offset(j)] = scalar_t(0);
+  }
+}
+
+// 16 bytes of elements, the unit of the vectorized loads and stores.
+template <typename scalar_t>
+struct alignas(16) Pack {
+  static constexpr int kSize = 16 / sizeof(scalar_t);
+  scalar_t v[kSize];
+};
+
+template <typename scalar_t>
+C10_DEVICE inline bool is_pack_aligned(const scalar_t* ptr) {
+  return reinterpret_cast<uintptr_t>(ptr) % sizeof(Pack<scalar_t>) == 0;
+}
+
+// The flat state buffers of one row (param first), offset to the row's start.
+template <typename scalar_t, int kStates>
+struct RowState {
+  scalar_t* ptr[kStates];
+};
+
+// Runs update(state_values, grad_value) in opmath over elements [j0, j1) of a row, the
+// warp's lanes taking consecutive packs. `vector_state` says the state pointers are
+// 16-byte aligned at j0; the grad is loaded as packs only when it is too, element by
+// element otherwise (unaligned views, strided grads). Zeroes each grad element after
+// reading it when asked to.
+template <typename scalar_t, int kStates, typename Update>
+C10_DEVICE inline void update_row_elements(const RowState<scalar_t, kStates>& state,
+                                           const GradRef<scalar_t>& grad, int64_t j0, int64_t j1,
+                                           bool vector_state, bool zero_grads, const Update& update) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  constexpr int kVec = Pack<scalar_t>::kSize;
+  const int lane = threadIdx.x % kWarpSize;
+  int64_t scalar_begin = j0;
+  if (vector_state) {
+    const bool vector_grad = grad.shape == nullptr && is_pack_aligned(grad.data + j0);
+    scalar_begin = j0 + (j1 - j0) / kVec * kVec;
+    for (int64_t j = j0 + int64_t(lane) * kVec; j < scalar_begin; j += int64_t(kWarpSize) * kVec) {
+      Pack<scalar_t> packs[kStates];
+#pragma unroll
+      for (int s = 0; s < kStates; ++s) packs[s] = *reinterpret_cast<const Pack<scalar_t>*>(state.ptr[s] + j);
+      opmath_t g[kVec];
+      if (vector_grad) {
+        Pack<scalar_t>* grad_pack = reinterpret_cast<Pack<scalar_t>*>(grad.data + j);
+        const Pack<scalar_t> loaded = *grad_pack;
+#pragma unroll
+        for (int k = 0; k < kVec; ++k) g[k] = static_cast<opmath_t>(loaded.v[k]);
+        if (zero_grads) {
+          Pack<scalar_t> zeros;
+#pragma unroll
+          for (int k = 0; k < kVec; ++k) zeros.v[k] = scalar_t(0);
+          *grad_pack = zeros;
+        }
+      } else {
+#pragma unroll
+        for (int k = 0; k < kVec; ++k) {
+          scalar_t* element = grad.data + grad.offset(j + k);
+          g[k] = static_cast<opmath_t>(*element);
+          if (zero_grads) *element = scalar_t(0);
+        }
+      }
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) {
+        opmath_t values[kStates];
+#pragma unroll
+        for (int s = 0; s < kStates; ++s) values[s] = static_cast<opmath_t>(packs[s].v[k]);
+        update(values, g[k]);
+#pragma unroll
+        for (int s = 0; s < kStates; ++s) packs[s].v[k] = static_cast<scalar_t>(values[s]);
+      }
+#pragma unroll
+      for (int s = 0; s < kStates; ++s) *reinterpret_cast<Pack<scalar_t>*>(state.ptr[s] + j) = packs[s];
+    }
+  }
+  for (int64_t j = scalar_begin + lane; j < j1; j += kWarpSize) {
+    scalar_t* element = grad.data + grad.offset(j);
+    const opmath_t g = static_cast<opmath_t>(*element);
+    if (zero_grads) *element = scalar_t(0);
+    opmath_t values[kStates];
+#pragma unroll
+    for (int s = 0; s < kStates; ++s) values[s] = static_cast<opmath_t>(state.ptr[s][j]);
+    update(values, g);
+#pragma unroll
+    for (int s = 0; s < kStates; ++s) state.ptr[s][j] = static_cast<scalar_t>(values[s]);
+  }
+}
+
+// Host side (grad_table.cu) ---------------------------------------------------------
+
+// The RowWalk of one op call, and the device table it points into (kept alive by the
+// caller until the kernels are enqueued).
+struct GradsPlan {
+  RowWalk walk;
+  at::Tensor table;
+};
+
+// Picks flat or per-row grads the way the CPU kernels do and, for per-row grads,
+// returns the device table, uploading it only when it differs from the last one
+// seen for these segments. `flat_numel` is the flat param buffer's numel, or -1 when
+// the op has no param (grad_norm). Reads no device memory.
+GradsPlan plan_grads(at::TensorList grads, const at::Tensor& segments, int64_t flat_numel,
+                     bool zero_grads);
+
+}  // namespace cuda
+}  // namespace fusedopt
