@@ -14,7 +14,14 @@ import platform
 
 import torch
 from setuptools import setup
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+# torch looks for the toolkit via CUDA_HOME, then `which nvcc`; an nvcc on PATH outside a
+# toolkit (e.g. /usr/local/bin/nvcc) makes it pick a CUDA_HOME without libcudart. Prefer
+# the conventional toolkit location unless the user chose one. (Must precede the import.)
+if not (os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")) and os.path.exists("/usr/local/cuda/bin/nvcc"):
+    os.environ["CUDA_HOME"] = "/usr/local/cuda"
+
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 CXX_FLAGS = ["-O3", "-fno-math-errno"]
