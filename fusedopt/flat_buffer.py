@@ -8,6 +8,8 @@ flat buffers of the same layout, and ``optimizer.state[p]`` holds views into the
 """
 from __future__ import annotations
 
+import sys
+
 import torch
 
 # Rows of the segment table: (flat_offset, numel, param_index); csrc/segment_table.h.
@@ -39,7 +41,9 @@ class StaleBufferError(RuntimeError):
 
 
 class FlatBuffer:
-    def __init__(self, params: list[torch.Tensor]):
+    def __init__(self, params: list[torch.Tensor], slices: int = 1):
+        """``slices``: the buffer's length is padded so it splits into that many equal,
+        aligned slices (fusedopt.distributed gives each rank one)."""
         self.params = params
         self.device = params[0].device
         self.dtype = params[0].dtype
@@ -61,7 +65,7 @@ class FlatBuffer:
                 perm = None
                 strides.append(torch.empty(p.shape, device="meta").stride())
             self.grad_perms.append(perm)
-        self.numel = _round_up(total, align)
+        self.numel = _round_up(total, align * slices)
         self.data = torch.zeros(self.numel, dtype=self.dtype, device=self.device)
         with torch.no_grad():
             for p, offset, stride in zip(params, self.offsets, strides):
@@ -177,3 +181,68 @@ class FlatBuffer:
     def release_grad_buffer(self) -> None:
         self.grad_buffer = None
         self.grad_views = [None] * len(self.params)
+
+
+class InPlaceBuffer(FlatBuffer):
+    """The buffer of one parameter that must stay where it is: a DTensor (FSDP2's
+    ``fully_shard``), whose local shard its engine owns and gathers from. The kernels
+    update that shard in place (its 1-D view is ``data``); the parameter is never
+    re-pointed. State is flat over the shard and exposed as DTensors with the
+    parameter's mesh and placements, as torch.optim's state is under FSDP2."""
+
+    @staticmethod
+    def needed_for(p: torch.Tensor) -> bool:
+        # A DTensor exists only once its module is loaded; importing it here would add
+        # half a second to `import fusedopt`.
+        dtensor_module = sys.modules.get("torch.distributed.tensor")
+        return dtensor_module is not None and isinstance(p, dtensor_module.DTensor)
+
+    def __init__(self, param: torch.Tensor):
+        with torch.no_grad():  # to_local() outside autograd: the shard itself, not a view of it
+            local = param.to_local()
+        if not local.is_contiguous():
+            raise ValueError("fusedopt: a DTensor parameter's local shard must be contiguous")
+        self.params = [param]
+        self.device = local.device
+        self.dtype = local.dtype
+        self.local_shape = local.shape
+        self.offsets = [0]
+        self.grad_perms = [None]
+        self.numel = local.numel()
+        self.data = local.view(-1)
+        self.param_ptrs = self._slot_addresses()
+        self.state = {}
+        self.state_complete_for = None
+        self.step = torch.zeros(1, dtype=torch.float32, device=self.device)
+        self.grad_buffer = None
+        self.grad_views = [None]
+        self._all_rows = torch.tensor([[0, self.numel, 0]], dtype=torch.int64).to(self.device)
+
+    def view_of(self, flat: torch.Tensor, index: int) -> torch.Tensor:
+        from torch.distributed.tensor import DTensor
+
+        p = self.params[index]
+        return DTensor.from_local(flat.view(self.local_shape), p.device_mesh, p.placements,
+                                  shape=p.shape, stride=p.stride(), run_check=False)
+
+    def _slot_addresses(self) -> list[int]:
+        return [self.data.data_ptr()]
+
+    def collect_grads(self):
+        (p,) = self.params
+        if p.to_local().data_ptr() != self.param_ptrs[0]:
+            raise StaleBufferError  # the engine replaced the shard (e.g. load_state_dict(assign=True))
+        if p.grad is None:
+            return [], []
+        if p.grad.placements != p.placements:
+            raise ValueError(f"fusedopt: a DTensor grad placed {p.grad.placements} does not match its "
+                             f"parameter's placements {p.placements}")
+        return [0], [p.grad.to_local()]
+
+    def zero_grads_flat(self) -> None:
+        """zero_grad(set_to_none=False): the engine accumulates into the grad it made, so
+        its local shard is zeroed where it is."""
+        (p,) = self.params
+        if p.grad is not None:
+            p.grad.to_local().zero_()
+

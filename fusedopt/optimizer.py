@@ -14,7 +14,7 @@ from torch.amp.grad_scaler import OptState
 from torch.optim import Optimizer
 
 from . import ops
-from .flat_buffer import FlatBuffer, StaleBufferError
+from .flat_buffer import FlatBuffer, InPlaceBuffer, StaleBufferError
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 SUPPORTED_DEVICE_TYPES = ("cpu", "cuda")
@@ -52,6 +52,8 @@ class FusedOptimizer(Optimizer):
     # State keys torch.optim keeps per parameter, in its order; set by subclasses.
     _state_keys: tuple[str, ...] = ()
     _sparse_grad_message = "fusedopt does not support sparse gradients"
+    # Flat buffers split into this many equal slices (fusedopt.distributed: one per rank).
+    _buffer_slices = 1
 
     def __init__(self, params, defaults: dict[str, Any]):
         self._group_buffers: list[list[FlatBuffer]] = []
@@ -100,11 +102,14 @@ class FusedOptimizer(Optimizer):
                                    "machine with a CUDA build of torch and the CUDA toolkit")
 
     def _pack(self, params: list[torch.Tensor]) -> list[FlatBuffer]:
-        """One flat buffer per (device, dtype), in order of first appearance."""
-        by_key: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+        """One flat buffer per (device, dtype), in order of first appearance; a DTensor
+        (FSDP2) gets one of its own over its local shard, which its engine owns."""
+        by_key: dict[tuple, list[torch.Tensor]] = {}
         for p in params:
-            by_key.setdefault((p.device, p.dtype), []).append(p)
-        buffers = [FlatBuffer(ps) for ps in by_key.values()]
+            key = (id(p),) if InPlaceBuffer.needed_for(p) else (p.device, p.dtype)
+            by_key.setdefault(key, []).append(p)
+        buffers = [InPlaceBuffer(ps[0]) if InPlaceBuffer.needed_for(ps[0]) else FlatBuffer(ps, self._buffer_slices)
+                   for ps in by_key.values()]
         for buf in buffers:
             for i, p in enumerate(buf.params):
                 self._slots[p] = (buf, i)
@@ -148,7 +153,7 @@ class FusedOptimizer(Optimizer):
         as views into zero-initialised flat buffers."""
         if buf.state_complete_for == keys or not keys:
             return
-        flats = [(key, buf.state_buffer(key)) for key in keys]
+        flats = [(key, buf.state_buffer(key)) for key in keys if key != "step"]  # steps: buf.step
         state = self.state
         for i in rows:
             p = buf.params[i]
@@ -258,6 +263,10 @@ class FusedOptimizer(Optimizer):
         """
         norm_type = float(norm_type)
         work = self._collect_work()
+        if any(isinstance(buf, InPlaceBuffer) for _, buf, _, _ in work):
+            # Each rank holds only its shards' grads; the norm needs a reduction over the mesh.
+            raise RuntimeError("fusedopt: clip_grad_norm_ does not support DTensor (FSDP2) parameters; "
+                               "use torch.nn.utils.clip_grad_norm_, which reduces across ranks")
         if not work:
             return torch.tensor(0.0)
         norms = [ops.grad_norm(grads, buf.segments(rows), norm_type) for _, buf, rows, grads in work]
@@ -350,6 +359,8 @@ def check_no_shared_memory(params: list[torch.Tensor], name: str) -> None:
     through each other by torch.optim; flat buffers would silently untie them."""
     spans = []
     for index, p in enumerate(params):
+        if InPlaceBuffer.needed_for(p):  # a DTensor has no storage; its local shard has
+            p = p.to_local()
         if p.numel() == 0:
             continue
         start = p.storage_offset()

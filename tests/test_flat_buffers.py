@@ -350,3 +350,17 @@ def test_one_param_in_two_optimizers(algo):
             opt.step()
         assert_optimizers_match(ref_a, fused_a, ref_params[:2], fused_params[:2])
         assert_optimizers_match(ref_b, fused_b, ref_params[1:], fused_params[1:])
+
+
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_adam_state_memory_is_its_moments_only(amsgrad):
+    """Adam's state costs two (amsgrad: three) param-sized buffers, as torch.optim's;
+    the per-parameter steps live in one small float32 tensor, not a param-sized buffer."""
+    params = make_params([(64, 3), (100,)])
+    opt = fusedopt.Adam(params, amsgrad=amsgrad)
+    for p, g in zip(params, random_grads(params, 0)):
+        p.grad = g
+    opt.step()
+    (buf,) = opt._group_buffers[0]
+    assert sum(flat.numel() for flat in buf.state.values()) == (3 if amsgrad else 2) * buf.numel
+    assert buf.step.numel() == len(params)
