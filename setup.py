@@ -56,7 +56,10 @@ def extensions():
             f"fusedopt._cpu_{name}",
             ["csrc/cpu/optimizer_kernels.cpp"],
             include_dirs=[os.path.join(ROOT, csrc)],
-            extra_compile_args={"cxx": CXX_FLAGS + flags + [f"-DFUSEDOPT_CPU_ISA={name}"]},
+            # ATen's parallel_for is OpenMP inlined from its header: without -fopenmp it
+            # runs on one thread. The library resolves to the libgomp torch already loaded.
+            extra_compile_args={"cxx": CXX_FLAGS + flags + ["-fopenmp", f"-DFUSEDOPT_CPU_ISA={name}"]},
+            extra_link_args=["-fopenmp"],
         ))
     if cuda_build_wanted():
         # No GPU to ask: default to Ampere and Hopper (plus Hopper PTX, so newer GPUs

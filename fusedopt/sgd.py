@@ -70,15 +70,17 @@ class SGD(FusedOptimizer):
         step (every step so far skipped by GradScaler) is left out, as torch.optim
         would not have created it."""
         state_dict = super().state_dict()
-        index = 0
-        for group, buffers in zip(self.param_groups, self._group_buffers):
-            for p in group["params"]:
-                entry = state_dict["state"].get(index)
-                if entry is not None and "momentum_buffer" in entry:
-                    buf, i = self._slots[p]
-                    if buf.step[i].item() == 0:
-                        del entry["momentum_buffer"]
-                        if not entry:
-                            del state_dict["state"][index]
-                index += 1
+        steps_taken = {}  # one host read per flat buffer
+        params = (p for group in self.param_groups for p in group["params"])
+        for index, p in enumerate(params):
+            entry = state_dict["state"].get(index)
+            if entry is None or "momentum_buffer" not in entry:
+                continue
+            buf, i = self._slots[p]
+            if buf not in steps_taken:
+                steps_taken[buf] = buf.step.tolist()
+            if steps_taken[buf][i] == 0:
+                del entry["momentum_buffer"]
+                if not entry:
+                    del state_dict["state"][index]
         return state_dict
