@@ -67,14 +67,14 @@ def extensions():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
         exts.append(CUDAExtension(
             "fusedopt._C",
-            ["csrc/ops.cpp", *sorted(glob.glob("csrc/cuda/*.cu"))],
+            ["csrc/ops.cpp", "csrc/python_module.cpp", *sorted(glob.glob("csrc/cuda/*.cu"))],
             include_dirs=[os.path.join(ROOT, csrc), *cuda_include_dirs()],
             extra_compile_args={"cxx": CXX_FLAGS,
                                 "nvcc": ["-O3"]},
             define_macros=[("FUSEDOPT_WITH_CUDA", None)],
         ))
     else:
-        exts.append(CppExtension("fusedopt._C", ["csrc/ops.cpp"],
+        exts.append(CppExtension("fusedopt._C", ["csrc/ops.cpp", "csrc/python_module.cpp"],
                                  extra_compile_args={"cxx": CXX_FLAGS}))
     return exts
 

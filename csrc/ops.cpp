@@ -1,17 +1,8 @@
 // Schemas of every fusedopt op, declared once. Device kernels register their
 // implementations beside their code: csrc/cpu/optimizer_kernels.cpp (CPU) and
-// csrc/cuda/optimizer_kernels.cu (CUDA, only in CUDA builds).
-#include <Python.h>
+// csrc/cuda/optimizer_kernels.cu (CUDA, only in CUDA builds). Linked into the
+// fusedopt._C module (csrc/python_module.cpp).
 #include <torch/library.h>
-
-// The extension is loaded as a Python module so `import fusedopt._C` registers the
-// schemas; it defines no Python functions (ops are reached through torch.ops.fusedopt).
-extern "C" {
-PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module_def);
-}
-}
 
 TORCH_LIBRARY(fusedopt, m) {
   // Adam and AdamW over one flat buffer. amsgrad iff max_exp_avg_sq is given;

@@ -12,6 +12,7 @@ import sys
 
 import torch
 
+from . import _C
 # Rows of the segment table: (flat_offset, numel, param_index); csrc/segment_table.h.
 SEGMENT_COLUMNS = 3
 # Every parameter starts on a 64-byte boundary, so CUDA kernels can use 128-bit loads
@@ -129,26 +130,25 @@ class FlatBuffer:
         return flat
 
     # --- grads ------------------------------------------------------------------
-    def collect_grads(self):
+    def collect_grads(self, sparse_message: str):
         """Reads every parameter's grad in place. Returns (rows, grads) where rows are
         the indices of parameters that have a grad and grads is what the kernels take:
         ``[flat grad buffer]`` when every grad is still a view of it, else one tensor per
-        row with its dims in the parameter's memory order. Raises StaleBufferError.
+        row with its dims in the parameter's memory order. Raises StaleBufferError, or
+        RuntimeError(sparse_message) for a sparse grad.
 
-        This runs every step over every parameter, so it is written for speed: torch
-        already checks shape, dtype and device when a grad is assigned."""
-        params = self.params
-        if list(map(torch.Tensor.data_ptr, params)) != self.param_ptrs:
+        This runs every step over every parameter, so the loop is in C (_C.collect_grads);
+        torch itself checks a grad's shape, dtype and device when it is assigned."""
+        collected = _C.collect_grads(self.params, self.param_ptrs, self.grad_views)
+        if collected is None:
             raise StaleBufferError
-        grads = [p.grad for p in params]
-        if self.grad_buffer is not None and all(g is None or g is v for g, v in zip(grads, self.grad_views)):
-            rows = [i for i, g in enumerate(grads) if g is not None]
-            return rows, [self.grad_buffer] if rows else []
-        if any(g is None for g in grads):
-            rows = [i for i, g in enumerate(grads) if g is not None]
-            grads = [grads[i] for i in rows]
-        else:
+        rows, grads, flat, sparse = collected
+        if sparse:
+            raise RuntimeError(sparse_message)
+        if rows is None:
             rows = self._all_indices
+        if not grads or (flat and self.grad_buffer is not None):
+            return rows, [self.grad_buffer] if grads else []
         if self._any_permuted:
             perms = self.grad_perms
             grads = [g if perms[i] is None else g.permute(perms[i]) for i, g in zip(rows, grads)]
@@ -228,12 +228,14 @@ class InPlaceBuffer(FlatBuffer):
     def _slot_addresses(self) -> list[int]:
         return [self.data.data_ptr()]
 
-    def collect_grads(self):
+    def collect_grads(self, sparse_message: str):
         (p,) = self.params
         if p.to_local().data_ptr() != self.param_ptrs[0]:
             raise StaleBufferError  # the engine replaced the shard (e.g. load_state_dict(assign=True))
         if p.grad is None:
             return [], []
+        if p.grad.is_sparse:
+            raise RuntimeError(sparse_message)
         if p.grad.placements != p.placements:
             raise ValueError(f"fusedopt: a DTensor grad placed {p.grad.placements} does not match its "
                              f"parameter's placements {p.placements}")

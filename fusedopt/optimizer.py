@@ -195,16 +195,12 @@ class FusedOptimizer(Optimizer):
         for gi, group in enumerate(self.param_groups):
             buffers = self._group_buffers[gi]
             try:
-                collected = [buf.collect_grads() for buf in buffers]
+                collected = [buf.collect_grads(self._sparse_grad_message) for buf in buffers]
             except StaleBufferError:
                 self._repack_group(gi)
                 buffers = self._group_buffers[gi]
-                collected = [buf.collect_grads() for buf in buffers]
-            for buf, (rows, grads) in zip(buffers, collected):
-                if rows:
-                    if any(g.is_sparse for g in grads):
-                        raise RuntimeError(self._sparse_grad_message)
-                    work.append((group, buf, rows, grads))
+                collected = [buf.collect_grads(self._sparse_grad_message) for buf in buffers]
+            work.extend((group, buf, rows, grads) for buf, (rows, grads) in zip(buffers, collected) if rows)
         return work
 
     @staticmethod
