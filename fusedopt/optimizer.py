@@ -97,7 +97,7 @@ class FusedOptimizer(Optimizer):
                                  f"supported (supported: {', '.join(map(str, SUPPORTED_DTYPES))})")
             if p.device.type not in SUPPORTED_DEVICE_TYPES:
                 raise ValueError(f"{name}: parameters on {p.device} are not supported")
-            if p.device.type == "cuda" and not _cuda_kernels_built():
+            if p.device.type == "cuda" and not ops.HAS_CUDA_KERNELS:
                 raise RuntimeError("fusedopt was built without CUDA kernels; reinstall it on a "
                                    "machine with a CUDA build of torch and the CUDA toolkit")
 
@@ -368,7 +368,3 @@ def check_no_shared_memory(params: list[torch.Tensor], name: str) -> None:
             raise ValueError(f"{name}: parameters {a} and {b} share memory; fusedopt packs each "
                              "parameter into its own slot and cannot keep them tied")
 
-
-def _cuda_kernels_built() -> bool:
-    from .ops import HAS_CUDA_KERNELS
-    return HAS_CUDA_KERNELS
