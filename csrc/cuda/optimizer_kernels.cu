@@ -367,6 +367,28 @@ void check_param_step_segments(const at::Tensor& param, const at::Tensor& step, 
                 grads[i].scalar_type(), " but its param is ", param.scalar_type());
 }
 
+// What both step ops take besides their buffers: the optional scalars as kernel
+// arguments (with any converted copies kept alive until the kernels are enqueued) and
+// the plan for reading the grads.
+struct StepInputs {
+  std::vector<at::Tensor> keep_alive;
+  ScalarArg found_inf, lr, grad_scale, grad_multiplier;
+  GradsPlan plan;
+};
+
+StepInputs step_inputs(const at::Tensor& param, at::TensorList grads, const at::Tensor& segments,
+                       const std::optional<at::Tensor>& lr_tensor, const std::optional<at::Tensor>& grad_scale,
+                       const std::optional<at::Tensor>& found_inf,
+                       const std::optional<at::Tensor>& grad_multiplier, bool zero_grads) {
+  StepInputs inputs;
+  inputs.found_inf = scalar_arg(found_inf, param.device(), "found_inf", inputs.keep_alive);
+  inputs.lr = scalar_arg(lr_tensor, param.device(), "lr_tensor", inputs.keep_alive);
+  inputs.grad_scale = scalar_arg(grad_scale, param.device(), "grad_scale", inputs.keep_alive);
+  inputs.grad_multiplier = scalar_arg(grad_multiplier, param.device(), "grad_multiplier", inputs.keep_alive);
+  inputs.plan = plan_grads(grads, segments, param.numel(), zero_grads);
+  return inputs;
+}
+
 void adam_step_cuda(at::Tensor& param, at::Tensor& exp_avg, at::Tensor& exp_avg_sq,
                     const std::optional<at::Tensor>& max_exp_avg_sq, at::Tensor& step, at::TensorList grads,
                     const at::Tensor& segments, double lr, const std::optional<at::Tensor>& lr_tensor,
@@ -383,12 +405,13 @@ void adam_step_cuda(at::Tensor& param, at::Tensor& exp_avg, at::Tensor& exp_avg_
   const int64_t num_segments = segments.size(0);
   if (num_segments == 0) return;
 
-  std::vector<at::Tensor> keep_alive;
-  const ScalarArg found_inf_arg = scalar_arg(found_inf, param.device(), "found_inf", keep_alive);
-  const ScalarArg lr_arg = scalar_arg(lr_tensor, param.device(), "lr_tensor", keep_alive);
-  const ScalarArg scale_arg = scalar_arg(grad_scale, param.device(), "grad_scale", keep_alive);
-  const ScalarArg multiplier_arg = scalar_arg(grad_multiplier, param.device(), "grad_multiplier", keep_alive);
-  GradsPlan plan = plan_grads(grads, segments, param.numel(), zero_grads);
+  StepInputs inputs = step_inputs(param, grads, segments, lr_tensor, grad_scale, found_inf, grad_multiplier,
+                                  zero_grads);
+  const ScalarArg& found_inf_arg = inputs.found_inf;
+  const ScalarArg& lr_arg = inputs.lr;
+  const ScalarArg& scale_arg = inputs.grad_scale;
+  const ScalarArg& multiplier_arg = inputs.grad_multiplier;
+  GradsPlan& plan = inputs.plan;  // shape_launch sizes the walk to the grid
   const auto stream = at::cuda::getCurrentCUDAStream();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, param.scalar_type(), "fusedopt::adam_step_", [&] {
@@ -433,12 +456,13 @@ void sgd_step_cuda(at::Tensor& param, const std::optional<at::Tensor>& momentum_
   const int64_t num_segments = segments.size(0);
   if (num_segments == 0) return;
 
-  std::vector<at::Tensor> keep_alive;
-  const ScalarArg found_inf_arg = scalar_arg(found_inf, param.device(), "found_inf", keep_alive);
-  const ScalarArg lr_arg = scalar_arg(lr_tensor, param.device(), "lr_tensor", keep_alive);
-  const ScalarArg scale_arg = scalar_arg(grad_scale, param.device(), "grad_scale", keep_alive);
-  const ScalarArg multiplier_arg = scalar_arg(grad_multiplier, param.device(), "grad_multiplier", keep_alive);
-  GradsPlan plan = plan_grads(grads, segments, param.numel(), zero_grads);
+  StepInputs inputs = step_inputs(param, grads, segments, lr_tensor, grad_scale, found_inf, grad_multiplier,
+                                  zero_grads);
+  const ScalarArg& found_inf_arg = inputs.found_inf;
+  const ScalarArg& lr_arg = inputs.lr;
+  const ScalarArg& scale_arg = inputs.grad_scale;
+  const ScalarArg& multiplier_arg = inputs.grad_multiplier;
+  GradsPlan& plan = inputs.plan;  // shape_launch sizes the walk to the grid
   const auto stream = at::cuda::getCurrentCUDAStream();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, param.scalar_type(), "fusedopt::sgd_step_", [&] {
