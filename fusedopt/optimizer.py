@@ -121,7 +121,8 @@ class FusedOptimizer(Optimizer):
         params = self.param_groups[group_index]["params"]
         carried = {p: {k: v.detach().clone() if torch.is_tensor(v) else v for k, v in self.state[p].items()}
                    for p in params if self.state.get(p)}
-        hidden_steps = {p: self._slots[p][0].step[self._slots[p][1]].item() for p in params}
+        # Views into the old buffers' counters (kept alive here): copied over without a host read.
+        hidden_steps = {p: self._slots[p][0].step[self._slots[p][1]] for p in params}
         self._check_packable(params)
         self._group_buffers[group_index] = self._pack(params)
         for p, state in carried.items():
@@ -138,7 +139,7 @@ class FusedOptimizer(Optimizer):
         adopted = {}
         for key, value in state.items():
             if key == "step":
-                buf.step[i] = value.item() if torch.is_tensor(value) else float(value)
+                buf.step[i] = value  # a tensor is copied on its device, with no host read
                 adopted[key] = buf.step[i]
             elif torch.is_tensor(value) and key in self._state_keys:
                 view = buf.view_of(buf.state_buffer(key), i)
