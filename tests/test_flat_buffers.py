@@ -144,6 +144,17 @@ class _MLP(nn.Module):
         return self.fc2(torch.tanh(self.norm(self.fc1(x))))
 
 
+def _mlp_pair(algo, device="cpu"):
+    """The same MLP twice, one trained by torch.optim (the reference), one by fusedopt."""
+    torch.manual_seed(0)
+    ref_model = _MLP().to(device)
+    fused_model = copy.deepcopy(ref_model)
+    kwargs = default_kwargs(algo, **OPTIONS[algo])
+    ref = getattr(torch.optim, algo)(ref_model.parameters(), foreach=False, **kwargs)
+    fused = getattr(fusedopt, algo)(fused_model.parameters(), foreach=False, **kwargs)
+    return ref_model, fused_model, ref, fused
+
+
 def _train_step(model, opt, step, set_to_none, device):
     gen = torch.Generator().manual_seed(100 + step)
     x = torch.randn(8, 6, generator=gen).to(device)
@@ -158,12 +169,7 @@ def _train_step(model, opt, step, set_to_none, device):
 @pytest.mark.parametrize("set_to_none", [True, False], ids=["set_to_none", "zeroed_grads"])
 @pytest.mark.parametrize("algo", ALGOS)
 def test_autograd_training_matches_torch(algo, set_to_none, device):
-    torch.manual_seed(0)
-    ref_model = _MLP().to(device)
-    fused_model = copy.deepcopy(ref_model)
-    kwargs = default_kwargs(algo, **OPTIONS[algo])
-    ref = getattr(torch.optim, algo)(ref_model.parameters(), foreach=False, **kwargs)
-    fused = getattr(fusedopt, algo)(fused_model.parameters(), foreach=False, **kwargs)
+    ref_model, fused_model, ref, fused = _mlp_pair(algo, device)
     for step in range(6):
         ref_loss = _train_step(ref_model, ref, step, set_to_none, device)
         fused_loss = _train_step(fused_model, fused, step, set_to_none, device)
@@ -242,12 +248,7 @@ def _torch_continuing_after_conversion(ref, ref_params, grads):
 @pytest.mark.parametrize("when", ["before_first_step", "after_steps"])
 @pytest.mark.parametrize("algo", ALGOS)
 def test_model_to_float64_repacks_or_refuses(algo, when):
-    torch.manual_seed(0)
-    ref_model = _MLP()
-    fused_model = copy.deepcopy(ref_model)
-    kwargs = default_kwargs(algo, **OPTIONS[algo])
-    ref = getattr(torch.optim, algo)(ref_model.parameters(), foreach=False, **kwargs)
-    fused = getattr(fusedopt, algo)(fused_model.parameters(), foreach=False, **kwargs)
+    ref_model, fused_model, ref, fused = _mlp_pair(algo)
     if when == "after_steps":
         for step in range(2):
             _train_step(ref_model, ref, step, True, "cpu")
@@ -282,12 +283,7 @@ def test_model_to_float64_repacks_or_refuses(algo, when):
 def test_in_place_writes_to_params_are_trained_from(algo):
     """model.load_state_dict / nn.init after the optimizer was made write into the params in
     place; the next step must start from those values, as torch's does."""
-    torch.manual_seed(0)
-    ref_model = _MLP()
-    fused_model = copy.deepcopy(ref_model)
-    kwargs = default_kwargs(algo, **OPTIONS[algo])
-    ref = getattr(torch.optim, algo)(ref_model.parameters(), foreach=False, **kwargs)
-    fused = getattr(fusedopt, algo)(fused_model.parameters(), foreach=False, **kwargs)
+    ref_model, fused_model, ref, fused = _mlp_pair(algo)
     weights = _MLP().state_dict()
     for model in (ref_model, fused_model):
         model.load_state_dict(weights)
