@@ -407,10 +407,6 @@ void adam_step_cuda(at::Tensor& param, at::Tensor& exp_avg, at::Tensor& exp_avg_
 
   StepInputs inputs = step_inputs(param, grads, segments, lr_tensor, grad_scale, found_inf, grad_multiplier,
                                   zero_grads);
-  const ScalarArg& found_inf_arg = inputs.found_inf;
-  const ScalarArg& lr_arg = inputs.lr;
-  const ScalarArg& scale_arg = inputs.grad_scale;
-  const ScalarArg& multiplier_arg = inputs.grad_multiplier;
   GradsPlan& plan = inputs.plan;  // shape_launch sizes the walk to the grid
   const auto stream = at::cuda::getCurrentCUDAStream();
 
@@ -422,11 +418,11 @@ void adam_step_cuda(at::Tensor& param, at::Tensor& exp_avg, at::Tensor& exp_avg_
     auto* coefficients_ptr = reinterpret_cast<AdamCoefficients<opmath_t>*>(coefficients.data_ptr());
     adam_prepare_kernel<opmath_t><<<prepare_blocks(num_segments), kThreadsPerBlock, 0, stream>>>(
         plan.walk.segments, num_segments, step.data_ptr<float>(),
-        AdamHyper{lr, beta1, beta2, weight_decay, eps, decoupled_weight_decay}, lr_arg, found_inf_arg,
+        AdamHyper{lr, beta1, beta2, weight_decay, eps, decoupled_weight_decay}, inputs.lr, inputs.found_inf,
         coefficients_ptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     if (plan.walk.space == 0) return;
-    const GradTransform transform{scale_arg, multiplier_arg, maximize};
+    const GradTransform transform{inputs.grad_scale, inputs.grad_multiplier, maximize};
     scalar_t* max_ptr = amsgrad ? max_exp_avg_sq->data_ptr<scalar_t>() : nullptr;
     const bool aligned = is_16_byte_aligned(param.data_ptr()) && is_16_byte_aligned(exp_avg.data_ptr()) &&
                          is_16_byte_aligned(exp_avg_sq.data_ptr()) && (!amsgrad || is_16_byte_aligned(max_ptr));
@@ -436,7 +432,7 @@ void adam_step_cuda(at::Tensor& param, at::Tensor& exp_avg, at::Tensor& exp_avg_
       constexpr auto kernel = adam_kernel<scalar_t, decltype(amsgrad_tag)::value>;
       const int blocks = shape_launch(plan.walk, resident_blocks_per_sm<kernel>());
       kernel<<<blocks, kThreadsPerBlock, 0, stream>>>(buffers, plan.walk, coefficients_ptr, transform,
-                                                      found_inf_arg, zero_grads);
+                                                      inputs.found_inf, zero_grads);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
     amsgrad ? launch(std::true_type{}) : launch(std::false_type{});
@@ -458,10 +454,6 @@ void sgd_step_cuda(at::Tensor& param, const std::optional<at::Tensor>& momentum_
 
   StepInputs inputs = step_inputs(param, grads, segments, lr_tensor, grad_scale, found_inf, grad_multiplier,
                                   zero_grads);
-  const ScalarArg& found_inf_arg = inputs.found_inf;
-  const ScalarArg& lr_arg = inputs.lr;
-  const ScalarArg& scale_arg = inputs.grad_scale;
-  const ScalarArg& multiplier_arg = inputs.grad_multiplier;
   GradsPlan& plan = inputs.plan;  // shape_launch sizes the walk to the grid
   const auto stream = at::cuda::getCurrentCUDAStream();
 
@@ -473,20 +465,20 @@ void sgd_step_cuda(at::Tensor& param, const std::optional<at::Tensor>& momentum_
     auto* coefficients_ptr = reinterpret_cast<SgdRowCoefficients<opmath_t>*>(coefficients.data_ptr());
     sgd_prepare_kernel<opmath_t><<<prepare_blocks(num_segments), kThreadsPerBlock, 0, stream>>>(
         plan.walk.segments, num_segments, step.data_ptr<float>(),
-        SgdHyper{lr, momentum, dampening, weight_decay}, lr_arg, found_inf_arg, coefficients_ptr);
+        SgdHyper{lr, momentum, dampening, weight_decay}, inputs.lr, inputs.found_inf, coefficients_ptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     if (plan.walk.space == 0) return;
     scalar_t* buffer_ptr = has_momentum ? momentum_buffer->data_ptr<scalar_t>() : nullptr;
     const SgdBuffers<scalar_t> buffers{
         param.data_ptr<scalar_t>(), buffer_ptr,
         is_16_byte_aligned(param.data_ptr()) && (!has_momentum || is_16_byte_aligned(buffer_ptr))};
-    const GradTransform transform{scale_arg, multiplier_arg, maximize};
+    const GradTransform transform{inputs.grad_scale, inputs.grad_multiplier, maximize};
     auto launch = [&](auto momentum_tag, auto nesterov_tag) {
       constexpr auto kernel =
           sgd_kernel<scalar_t, decltype(momentum_tag)::value, decltype(nesterov_tag)::value>;
       const int blocks = shape_launch(plan.walk, resident_blocks_per_sm<kernel>());
       kernel<<<blocks, kThreadsPerBlock, 0, stream>>>(buffers, plan.walk, coefficients_ptr, transform,
-                                                      found_inf_arg, zero_grads);
+                                                      inputs.found_inf, zero_grads);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
     if (!has_momentum) launch(std::false_type{}, std::false_type{});
