@@ -18,7 +18,7 @@ TORCH_LIBRARY(fusedopt, m) {
       "bool decoupled_weight_decay, bool maximize, Tensor? grad_scale, Tensor? found_inf, "
       "Tensor? grad_multiplier, bool zero_grads) -> ()");
   // SGD over one flat buffer. Momentum iff momentum_buffer is given; `step` counts
-  // each parameter's applied steps so a first step (step == 0) starts the buffer.
+  // each parameter's steps with momentum, so a first one (step == 0) starts the buffer.
   m.def(
       "sgd_step_(Tensor(a!) param, Tensor(b!)? momentum_buffer, Tensor(c!) step, "
       "Tensor(d!)[] grads, Tensor segments, float lr, Tensor? lr_tensor, float momentum, "

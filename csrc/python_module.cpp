@@ -1,73 +1,163 @@
 // The `fusedopt._C` Python module: importing it registers the op schemas (ops.cpp)
-// and, in CUDA builds, the CUDA kernels. It also holds the one piece of the per-step
-// Python path that is a loop over every parameter, written in C so that a model with
-// thousands of tensors does not pay ~0.4 us of interpreter time per tensor per step.
+// and, in CUDA builds, the CUDA kernels. It also holds the per-step check that
+// fusedopt's flat buffers still describe torch.optim's public objects, a loop over every
+// parameter written in C so that a model with thousands of tensors does not pay
+// interpreter time per tensor per step.
 #include <Python.h>
 #include <torch/csrc/autograd/python_variable.h>
 
 namespace {
 
-// collect_grads(params, slot_addresses, grad_views) -> None | (rows, grads, flat, sparse)
+// state.get(p) without calling torch.Tensor.__hash__ (a Python method, id(self)): the
+// hash of id(p) is the object's address. Borrowed reference; nullptr when absent.
+PyObject* state_entry(PyObject* state, PyObject* p) {
+#if PY_VERSION_HEX < 0x030D0000
+  return _PyDict_GetItem_KnownHash(state, p, static_cast<Py_hash_t>(reinterpret_cast<uintptr_t>(p)));
+#else
+  return PyDict_GetItemWithError(state, p);
+#endif
+}
+
+bool same_place(const at::Tensor& a, const at::Tensor& b) {
+  return a.data_ptr() == b.data_ptr() && a.sizes() == b.sizes() && a.strides() == b.strides() &&
+         a.scalar_type() == b.scalar_type() && a.device() == b.device();
+}
+
+// Whether `entry` (opt.state[p], or nullptr) still holds exactly what fusedopt put there:
+// `synced` is None (no state yet) or (entry, view, address, view, address, ...) in the
+// order of `keys`. Keys fusedopt does not manage are the user's and are not looked at.
+bool state_in_sync(PyObject* entry, PyObject* synced, PyObject* keys) {
+  if (synced == Py_None) return entry == nullptr;
+  if (entry != PyTuple_GET_ITEM(synced, 0) || !PyDict_Check(entry)) return false;
+  const Py_ssize_t num_keys = PyTuple_GET_SIZE(keys);
+  for (Py_ssize_t k = 0; k < num_keys; ++k) {
+    PyObject* view = PyTuple_GET_ITEM(synced, 1 + 2 * k);
+    if (PyDict_GetItemWithError(entry, PyTuple_GET_ITEM(keys, k)) != view) return false;
+    const auto address = reinterpret_cast<uintptr_t>(THPVariable_Unpack(view).data_ptr());
+    if (address != PyLong_AsSize_t(PyTuple_GET_ITEM(synced, 2 + 2 * k))) return false;
+  }
+  return true;
+}
+
+// sync_check(params, views, grad_slots, state, keys, synced)
+//     -> (stale, dirty, rows, grads, flat, bad)
 //
-// None: some parameter no longer points at its slot (the buffer is stale). Otherwise
-// rows are the indices of the parameters that have a grad (None when all do), grads
-// those grads in order, flat whether every one of them is the tensor in grad_views
-// (a view of the flat grad buffer), sparse whether any is sparse.
-PyObject* collect_grads(PyObject* /*module*/, PyObject* args) {
-  PyObject *params, *addresses, *views;
-  if (!PyArg_ParseTuple(args, "O!O!O!", &PyList_Type, &params, &PyList_Type, &addresses, &PyList_Type, &views))
+// One pass over the rows of a flat buffer that one param group updates:
+//   params      the parameters, in row order
+//   views       per row, a tensor placed where fusedopt expects the parameter
+//               (its slot in the flat buffer, or the parameter's own memory)
+//   grad_slots  per row, the address of its slot in the flat grad buffer, or None
+//   state       optimizer.state;  keys: the state keys fusedopt manages for the group
+//   synced      per row, what fusedopt last put into state[p] (see state_in_sync)
+// Returns: stale, the first row whose parameter is no longer where the view is (-1:
+// none; the rest is then not computed); dirty, the rows whose state entry changed;
+// rows, the rows that have a grad (None: all); grads, those grads; flat, whether every
+// one of them lies at its grad slot with its parameter's strides; bad, the first row
+// whose grad is sparse or differs from its parameter in dtype, device or shape (-1: none).
+PyObject* sync_check(PyObject* /*module*/, PyObject* args) {
+  PyObject *params, *views, *grad_slots, *state, *keys, *synced;
+  if (!PyArg_ParseTuple(args, "O!O!OO!O!O!", &PyList_Type, &params, &PyList_Type, &views, &grad_slots,
+                        &PyDict_Type, &state, &PyTuple_Type, &keys, &PyList_Type, &synced))
     return nullptr;
   const Py_ssize_t n = PyList_GET_SIZE(params);
-  if (PyList_GET_SIZE(addresses) != n || PyList_GET_SIZE(views) != n) {
-    PyErr_SetString(PyExc_ValueError, "collect_grads: params, slot_addresses and grad_views differ in length");
+  const bool have_slots = grad_slots != Py_None;
+  if (PyList_GET_SIZE(views) != n || PyList_GET_SIZE(synced) != n ||
+      (have_slots && (!PyList_Check(grad_slots) || PyList_GET_SIZE(grad_slots) != n))) {
+    PyErr_SetString(PyExc_ValueError, "sync_check: the per-row lists differ in length");
     return nullptr;
   }
-  PyObject* grads = PyList_New(0);
-  PyObject* rows = PyList_New(0);
-  if (grads == nullptr || rows == nullptr) return nullptr;
-  bool all_present = true, flat = true, sparse = false;
   for (Py_ssize_t i = 0; i < n; ++i) {
     PyObject* p = PyList_GET_ITEM(params, i);
-    if (!THPVariable_Check(p)) {
-      PyErr_SetString(PyExc_TypeError, "collect_grads: params must be tensors");
-      Py_DECREF(grads);
-      Py_DECREF(rows);
+    if (!THPVariable_Check(p) || !THPVariable_Check(PyList_GET_ITEM(views, i))) {
+      PyErr_SetString(PyExc_TypeError, "sync_check: params and views must be tensors");
       return nullptr;
     }
-    const at::Tensor& tensor = THPVariable_Unpack(p);
-    const auto address = reinterpret_cast<uintptr_t>(tensor.data_ptr());
-    if (address != PyLong_AsSize_t(PyList_GET_ITEM(addresses, i))) {
-      Py_DECREF(grads);
-      Py_DECREF(rows);
-      Py_RETURN_NONE;
+    if (!same_place(THPVariable_Unpack(p), THPVariable_Unpack(PyList_GET_ITEM(views, i))))
+      return Py_BuildValue("(nOOOOn)", i, Py_None, Py_None, Py_None, Py_False, Py_ssize_t(-1));
+  }
+  PyObject* dirty = PyList_New(0);
+  PyObject* grads = PyList_New(0);
+  PyObject* rows = PyList_New(0);
+  if (dirty == nullptr || grads == nullptr || rows == nullptr) {
+    Py_XDECREF(dirty);
+    Py_XDECREF(grads);
+    Py_XDECREF(rows);
+    return nullptr;
+  }
+  auto fail = [&]() -> PyObject* {
+    Py_DECREF(dirty);
+    Py_DECREF(grads);
+    Py_DECREF(rows);
+    return nullptr;
+  };
+  bool all_present = true, flat = have_slots;
+  Py_ssize_t bad = -1;
+  const bool check_state = PyTuple_GET_SIZE(keys) > 0;
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    PyObject* p = PyList_GET_ITEM(params, i);
+    if (check_state) {
+      PyObject* entry = state_entry(state, p);
+      if (entry == nullptr && PyErr_Occurred()) return fail();
+      const bool in_sync = state_in_sync(entry, PyList_GET_ITEM(synced, i), keys);
+      if (PyErr_Occurred()) return fail();
+      if (!in_sync) {
+        PyObject* index = PyLong_FromSsize_t(i);
+        const bool failed = index == nullptr || PyList_Append(dirty, index) != 0;
+        Py_XDECREF(index);
+        if (failed) return fail();
+      }
     }
+    const at::Tensor& tensor = THPVariable_Unpack(p);
     const at::Tensor& grad = tensor.grad();
     if (!grad.defined()) {
       all_present = false;
       continue;
     }
-    sparse = sparse || grad.is_sparse();
-    PyObject* grad_object = THPVariable_Wrap(grad);  // the grad's own Python object
-    flat = flat && grad_object == PyList_GET_ITEM(views, i);
-    PyObject* index = PyLong_FromSsize_t(i);
-    const bool failed = PyList_Append(grads, grad_object) != 0 || PyList_Append(rows, index) != 0;
-    Py_DECREF(grad_object);
-    Py_DECREF(index);
-    if (failed) {
-      Py_DECREF(grads);
-      Py_DECREF(rows);
-      return nullptr;
+    if (bad < 0 && (grad.layout() != at::kStrided || grad.scalar_type() != tensor.scalar_type() ||
+                    grad.device() != tensor.device() || grad.sizes() != tensor.sizes()))
+      bad = i;
+    if (flat) {
+      const auto slot = PyLong_AsSize_t(PyList_GET_ITEM(grad_slots, i));
+      flat = grad.layout() == at::kStrided && reinterpret_cast<uintptr_t>(grad.data_ptr()) == slot &&
+             grad.strides() == tensor.strides();
     }
+    PyObject* grad_object = THPVariable_Wrap(grad);  // the grad's own Python object
+    PyObject* index = PyLong_FromSsize_t(i);
+    const bool failed = grad_object == nullptr || index == nullptr || PyList_Append(grads, grad_object) != 0 ||
+                        PyList_Append(rows, index) != 0;
+    Py_XDECREF(grad_object);
+    Py_XDECREF(index);
+    if (failed) return fail();
   }
   if (all_present) {
     Py_DECREF(rows);
     rows = Py_NewRef(Py_None);
   }
-  return Py_BuildValue("(NNOO)", rows, grads, flat ? Py_True : Py_False, sparse ? Py_True : Py_False);
+  return Py_BuildValue("(nNNNOn)", Py_ssize_t(-1), dirty, rows, grads, flat ? Py_True : Py_False, bad);
+}
+
+// sole_owner(t): whether nothing but t sees its memory: no other tensor shares its
+// storage, and the memory came from the device's allocator (not shared memory, a file
+// mapping, numpy or DLPack). fusedopt moves a tensor into its own buffers only then.
+// In C because asking from Python (t.untyped_storage()) itself leaves a reference.
+PyObject* sole_owner(PyObject* /*module*/, PyObject* arg) {
+  if (!THPVariable_Check(arg)) {
+    PyErr_SetString(PyExc_TypeError, "sole_owner: expected a tensor");
+    return nullptr;
+  }
+  const at::Tensor& t = THPVariable_Unpack(arg);
+  if (!t.has_storage()) Py_RETURN_FALSE;
+  const c10::Storage& storage = t.storage();
+  c10::Allocator* allocator = c10::GetAllocator(t.device().type());
+  const bool owned = storage.use_count() == 1 && allocator != nullptr &&
+                     storage.data_ptr().get_deleter() == allocator->raw_deleter();
+  return PyBool_FromLong(owned);
 }
 
 PyMethodDef methods[] = {
-    {"collect_grads", collect_grads, METH_VARARGS, "The grads of a flat buffer's parameters, read in one pass."},
+    {"sync_check", sync_check, METH_VARARGS,
+     "Checks a flat buffer's rows against the public parameters, state and grads in one pass."},
+    {"sole_owner", sole_owner, METH_O, "Whether nothing but this tensor sees its memory."},
     {nullptr, nullptr, 0, nullptr},
 };
 

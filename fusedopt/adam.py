@@ -13,6 +13,7 @@ class Adam(FusedOptimizer):
     step is always fusedopt's fused kernel."""
 
     _state_keys = ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+    _keys_required_on_load = ("step",)  # torch.optim.Adam.__setstate__ reads it
     _sparse_grad_message = "Adam does not support sparse gradients, please consider SparseAdam instead"
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, amsgrad=False,
@@ -56,6 +57,10 @@ class Adam(FusedOptimizer):
 
     def _group_state_keys(self, group):
         return self._state_keys if group["amsgrad"] else self._state_keys[:3]
+
+    def _keys_required_in_state(self, keys):
+        # In the order torch.optim's step reads them: the first one missing is its KeyError.
+        return (*keys[1:], "step")
 
     def _update_buffer(self, group, buf, segments, grads, transform):
         lr, lr_tensor = self._lr_arguments(group["lr"], buf.device)

@@ -10,12 +10,13 @@ which updates its piece of it.
 from __future__ import annotations
 
 import functools
+from collections import defaultdict
 from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
 
-from .flat_buffer import SEGMENT_COLUMNS, FlatBuffer, InPlaceBuffer
+from .flat_buffer import SEGMENT_COLUMNS, FlatBuffer, is_dtensor
 from .optimizer import FusedOptimizer, GradTransform
 
 __all__ = ["ShardedOptimizer"]
@@ -78,7 +79,6 @@ class BufferSlice:
             owns_empty = p.numel() == 0 and (lo <= offset < hi or offset >= hi == full.numel)
             if start < stop or owns_empty:
                 self.owned[i] = Piece(start - lo, start - offset, max(stop - start, 0))
-        self._all_rows = self._make_segments(list(self.owned))
         self._segments_cache: dict[tuple[int, ...], torch.Tensor] = {}
 
     def _make_segments(self, rows) -> torch.Tensor:
@@ -170,22 +170,40 @@ class ShardedOptimizer(FusedOptimizer):
         super().__init__(params, **defaults)  # optimizer_class's constructor (next in the MRO)
 
     # --- packing ------------------------------------------------------------------
-    def _pack(self, params: list[torch.Tensor]) -> list[FlatBuffer]:
-        if any(InPlaceBuffer.needed_for(p) for p in params):
+    # The rank's state is its slices of the flat buffers, made and loaded here rather
+    # than re-synchronised from optimizer.state, which holds this rank's pieces.
+    _tracks_public_state = False
+
+    def _new_buffers(self, params: list[torch.Tensor]) -> list[FlatBuffer]:
+        if any(is_dtensor(p) for p in params):
             raise ValueError("ShardedOptimizer: DTensor parameters are already sharded by their engine "
                              "(FSDP2); use fusedopt's optimizers with it directly")
-        buffers = super()._pack(params)  # padded into world_size equal, aligned slices
+        if any(p in self._slots for p in params):
+            raise RuntimeError("ShardedOptimizer: a parameter no longer points into its flat buffer "
+                               "(model.to() or p.data = ... after the optimizer was made); its sharded state "
+                               "cannot follow it. Move the model before making the optimizer.")
+        by_key: dict[tuple, list[torch.Tensor]] = {}
+        for p in params:  # every parameter moves: each rank updates slices of one buffer
+            by_key.setdefault((p.device, p.dtype), []).append(p)
+        buffers = [FlatBuffer(ps, self._buffer_slices) for ps in by_key.values()]
         for buf in buffers:
             size = buf.numel // self.world_size
-            rank_slice = self._slice_of[buf] = BufferSlice(buf, self.rank * size, (self.rank + 1) * size)
-            for i, p in enumerate(buf.params):
-                self._slots[p] = (rank_slice, i)
+            self._slice_of[buf] = BufferSlice(buf, self.rank * size, (self.rank + 1) * size)
         return buffers
 
-    def _repack_group(self, group_index: int) -> None:
-        raise RuntimeError("ShardedOptimizer: a parameter no longer points into its flat buffer "
-                           "(model.to() or p.data = ... after the optimizer was made); its sharded state "
-                           "cannot follow it. Move the model before making the optimizer.")
+    def _ensure_slice_state(self, rank_slice: BufferSlice, rows: list[int], keys: tuple[str, ...]) -> None:
+        """torch.optim creates state on a parameter's first step with a grad: this
+        rank's pieces of it, as views into its slice's state buffers."""
+        if rank_slice.state_complete_for == keys or not keys:
+            return
+        for i in rows:
+            entry = self.state[rank_slice.params[i]]
+            for key in keys:
+                if key not in entry:
+                    entry[key] = rank_slice.step[i] if key == "step" else \
+                        rank_slice.view_of(rank_slice.state_buffer(key), i)
+        if len(rows) == len(rank_slice.owned):
+            rank_slice.state_complete_for = keys
 
     # --- step ---------------------------------------------------------------------
     @torch.no_grad()
@@ -204,14 +222,18 @@ class ShardedOptimizer(FusedOptimizer):
         self._pending_grad_multiplier = None
         found_inf = transform.found_inf
         skipped = found_inf is not None and found_inf.device.type == "cpu" and bool(found_inf.item())
-        for group, buf, rows, grads in self._collect_work():
+        for c in self._collect_work():
+            buf = c.part.buf
             rank_slice = self._slice_of[buf]
-            owned, owned_grads = rank_slice.take(rows, grads)
+            rows = [c.part.rows[j] for j in c.rows]
+            owned, owned_grads = rank_slice.take(rows, buf.kernel_grads(rows, c.grads, c.flat))
             if owned:
-                self._update_buffer(group, rank_slice, rank_slice.segments(owned), owned_grads,
+                self._update_buffer(c.group, rank_slice, rank_slice.segments(owned), owned_grads,
                                     transform.on(buf.device))
                 if not skipped:
-                    self._ensure_state(rank_slice, owned, self._group_state_keys(group))
+                    self._ensure_slice_state(rank_slice, owned, self._group_state_keys(c.group))
+            if not skipped:
+                torch.autograd.graph.increment_version([c.part.params[j] for j in c.rows])
         self._all_gather_slices()
         if zero_grad:
             self.zero_grad(set_to_none=False)
@@ -239,9 +261,9 @@ class ShardedOptimizer(FusedOptimizer):
         destination = dist.get_global_rank(self.process_group, to)
         gathering = self.rank == to
         consolidated: dict[torch.Tensor, dict[str, Any]] = {}
-        for group, buffers in zip(self.param_groups, self._group_buffers):
+        for group, plan in zip(self.param_groups, self._current_plans()):
             keys = self._group_state_keys(group)
-            for buf in buffers:
+            for buf in (part.buf for part in plan.parts):
                 # A parameter's step counter is exact on the ranks that hold a piece of
                 # it and 0 (or older) elsewhere.
                 steps = buf.step.clone()
@@ -278,17 +300,29 @@ class ShardedOptimizer(FusedOptimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch.optim's format, from any world size: every rank passes the whole
         checkpoint and keeps its slice of it."""
-        self._validate_checkpoint(state_dict)  # before this rank's state is cleared
+        super().load_state_dict(state_dict)  # checked against the parameters before it replaces anything
+        self._consolidated_state = None
+        self._current_plans()  # every parameter in a slice
         for rank_slice in self._slice_of.values():
             rank_slice.clear_state()
-        self._consolidated_state = None
-        super().load_state_dict(state_dict)
-
-    def _adopt_state(self, p: torch.Tensor, state: dict[str, Any]) -> None:
-        rank_slice, i = self._slots[p]
-        if i not in rank_slice.owned:
-            return  # the ranks that hold p's pieces keep its state
-        super()._adopt_state(p, {
-            key: rank_slice.piece_of(i, value) if torch.is_tensor(value) and key in self._state_keys
-            and key != "step" else value
-            for key, value in state.items()})
+        loaded, self.state = self.state, defaultdict(dict)
+        for p, entry in loaded.items():
+            slot = self._slots.get(p)
+            if slot is None:  # state of no current parameter: torch keeps it as is
+                self.state[p] = entry
+                continue
+            buf, i = slot
+            rank_slice = self._slice_of[buf]
+            if i not in rank_slice.owned:
+                continue  # the ranks that hold p's pieces keep its state
+            pieces = {}
+            for key, value in entry.items():
+                if key == "step":
+                    buf.step[i] = value
+                    pieces[key] = buf.step[i]
+                elif torch.is_tensor(value) and key in self._state_keys:
+                    pieces[key] = rank_slice.view_of(rank_slice.state_buffer(key), i)
+                    pieces[key].copy_(rank_slice.piece_of(i, value))
+                else:
+                    pieces[key] = value
+            self.state[p] = pieces

@@ -1,11 +1,12 @@
-"""The machinery shared by fusedopt's optimizers: packing param groups into flat
-buffers, reading grads in place, lazily created state, checkpoints in torch.optim's
-format. Subclasses (sgd.py, adam.py) validate hyperparameters and call one kernel per
-flat buffer.
+"""The machinery shared by fusedopt's optimizers: keeping flat buffers in line with
+torch.optim's public objects, reading grads in place, lazily created state, checkpoints
+in torch.optim's format. Subclasses (sgd.py, adam.py) validate hyperparameters and call
+one kernel per flat buffer.
 """
 from __future__ import annotations
 
 from collections import defaultdict
+import operator
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,7 +15,10 @@ from torch.amp.grad_scaler import OptState
 from torch.optim import Optimizer
 
 from . import ops
-from .flat_buffer import FlatBuffer, InPlaceBuffer, StaleBufferError
+from torch.nn.parameter import is_lazy
+
+from . import _C
+from .flat_buffer import FlatBuffer, InPlaceBuffer, PinnedBuffer, is_dtensor, may_move
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 SUPPORTED_DEVICE_TYPES = ("cpu", "cuda")
@@ -46,49 +50,125 @@ class GradTransform:
                              self.zero_grads)
 
 
+@dataclass(eq=False)
+class Part:
+    """The rows of one buffer that one param group updates, and what fusedopt last put
+    into ``optimizer.state`` for each (``synced``, the per-step check's reference)."""
+    buf: FlatBuffer
+    rows: list[int]
+    params: list[torch.Tensor]
+    views: list[torch.Tensor]
+    synced: list
+    keys: tuple[str, ...] = ()
+    complete: bool = False  # every row's state is in optimizer.state
+    _grad_slots: tuple = (None, None)  # (grad buffer, its slot addresses) cache
+
+    def grad_slots(self) -> list[int] | None:
+        if self._grad_slots[0] is not self.buf.grad_buffer:
+            self._grad_slots = (self.buf.grad_buffer, self.buf.grad_slots(self.rows))
+        return self._grad_slots[1]
+
+
+@dataclass(eq=False)
+class GroupPlan:
+    """Where the parameters of one param group live: ``parts`` cover ``params`` (a
+    snapshot of ``group["params"]``) but for ``lazy`` ones not yet materialised."""
+    params: list[torch.Tensor]
+    parts: list[Part]
+    lazy: list[torch.Tensor]
+
+    def describes(self, params: list[torch.Tensor]) -> bool:
+        return (len(params) == len(self.params) and all(map(operator.is_, params, self.params))
+                and not any(map(_is_materialised, self.lazy)))
+
+
+def _is_materialised(p: torch.Tensor) -> bool:
+    return not is_lazy(p)
+
+
+def address_of(t: torch.Tensor) -> int:
+    return t.to_local().data_ptr() if is_dtensor(t) else t.data_ptr()
+
+
+def same_place(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
+            and a.dtype == b.dtype and a.device == b.device)
+
+
+@dataclass
+class CheckedPart:
+    """One part after the per-step check: which rows changed state, which have grads."""
+    group: dict[str, Any]
+    part: Part
+    dirty: list[int]
+    rows: list[int]            # positions in part.rows that have a grad
+    grads: list[torch.Tensor]
+    flat: bool                 # every grad lies in the flat grad buffer
+
+
 class FusedOptimizer(Optimizer):
+    """torch.optim's public objects (``param_groups``, ``state``, each parameter's data
+    and grad) are the truth; flat buffers are fusedopt's private cache of them. Every
+    step checks the cache against the truth (``_C.sync_check``, one C pass per buffer)
+    and re-synchronises what differs before anything is written. Buffers are made
+    lazily, at the first step, so a constructor that raises has moved nothing."""
+
     # GradScaler hands us grad_scale / found_inf instead of unscaling and syncing itself.
     _step_supports_amp_scaling = True
     # State keys torch.optim keeps per parameter, in its order; set by subclasses.
     _state_keys: tuple[str, ...] = ()
+    # Keys torch.optim requires in a non-empty state entry when it loads a checkpoint.
+    _keys_required_on_load: tuple[str, ...] = ()
     _sparse_grad_message = "fusedopt does not support sparse gradients"
+    # Whether optimizer.state is checked every step and re-synchronised into the buffers.
+    _tracks_public_state = True
     # Flat buffers split into this many equal slices (fusedopt.distributed: one per rank).
     _buffer_slices = 1
 
     def __init__(self, params, defaults: dict[str, Any]):
-        self._group_buffers: list[list[FlatBuffer]] = []
+        self._plans: list[GroupPlan] = []
         self._slots: dict[torch.Tensor, tuple[FlatBuffer, int]] = {}
         # Clip coefficient from clip_grad_norm_, applied inside the next step's kernel.
         self._pending_grad_multiplier: torch.Tensor | None = None
         super().__init__(params, defaults)
 
     def __getstate__(self) -> dict[str, Any]:
-        # copy.deepcopy((model, optimizer)) and pickling must carry the flat buffers:
-        # parameters and state are views into them.
+        # torch.optim's public objects only: a copy (deepcopy, pickle) rebuilds its
+        # cache from them at its first step.
         state = super().__getstate__()
-        state.update(_group_buffers=self._group_buffers, _slots=self._slots,
-                     _pending_grad_multiplier=self._pending_grad_multiplier)
+        state["_pending_grad_multiplier"] = self._pending_grad_multiplier
         return state
 
-    # --- packing ------------------------------------------------------------------
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # load_state_dict ends here, after its pre-hooks and torch's own validation:
+        # the new state is checked against the parameters before anything is replaced.
+        if "state" in state and "param_groups" in state:
+            self._check_state_fits(state["state"], state["param_groups"])
+        super().__setstate__(state)
+        self.__dict__.setdefault("_plans", [])
+        self.__dict__.setdefault("_slots", {})
+        self.__dict__.setdefault("_pending_grad_multiplier", None)
+
+    # --- param groups -----------------------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
-        params = self.param_groups[-1]["params"]
         try:
-            self._check_packable(params)
+            self._check_params(self.param_groups[-1]["params"])
         except Exception:
             self.param_groups.pop()  # leave the optimizer as it was
             raise
-        self._group_buffers.append(self._pack(params))
 
-    def _check_packable(self, params: list[torch.Tensor]) -> None:
+    def _check_params(self, params: list[torch.Tensor]) -> None:
         name = type(self).__name__
+        params = [p for p in params if not is_lazy(p)]  # checked once materialised
         if len(set(params)) != len(params):
             # torch.optim warns and then updates such a parameter twice per step; one slot
-            # in a flat buffer cannot do that, and updating it once would differ silently.
+            # cannot do that, and updating it once would differ silently.
             raise ValueError(f"{name}: a parameter group lists the same parameter more than once")
-        check_no_shared_memory(params, name)
         for p in params:
+            if not isinstance(p, torch.Tensor):
+                raise TypeError("optimizer can only optimize Tensors, but one of the params is "
+                                + torch.typename(p))
             if p.is_complex():
                 raise ValueError(f"{name}: complex parameters are not supported by "
                                  "fusedopt; use torch.optim or pass torch.view_as_real(p)")
@@ -101,108 +181,294 @@ class FusedOptimizer(Optimizer):
                 raise RuntimeError("fusedopt was built without CUDA kernels; reinstall it on a "
                                    "machine with a CUDA build of torch and the CUDA toolkit")
 
-    def _pack(self, params: list[torch.Tensor]) -> list[FlatBuffer]:
-        """One flat buffer per (device, dtype), in order of first appearance; a DTensor
-        (FSDP2) gets one of its own over its local shard, which its engine owns."""
-        by_key: dict[tuple, list[torch.Tensor]] = {}
+    # --- the cache: where each parameter lives ---------------------------------------
+    def _own_memory(self) -> list[tuple[int, int]]:
+        buffers = {id(buf): buf for buf, _ in self._slots.values()}
+        return [span for buf in buffers.values() for span in buf.memory()]
+
+    def _in_its_slot(self, p: torch.Tensor) -> bool:
+        slot = self._slots.get(p)
+        if slot is None:
+            return False
+        buf, row = slot
+        if isinstance(buf, InPlaceBuffer):
+            return p.to_local().data_ptr() == buf.data.data_ptr()
+        return same_place(p, buf.views[row])
+
+    def _new_buffers(self, params: list[torch.Tensor]) -> list[FlatBuffer]:
+        """Slots for parameters that have none: moved into one flat buffer per (device,
+        dtype) where nothing else sees their memory, else updated where they are."""
+        own = self._own_memory()
+        buffers, movable = [], {}
         for p in params:
-            key = (id(p),) if InPlaceBuffer.needed_for(p) else (p.device, p.dtype)
-            by_key.setdefault(key, []).append(p)
-        buffers = [InPlaceBuffer(ps[0]) if InPlaceBuffer.needed_for(ps[0]) else FlatBuffer(ps, self._buffer_slices)
-                   for ps in by_key.values()]
-        for buf in buffers:
-            for i, p in enumerate(buf.params):
-                self._slots[p] = (buf, i)
+            if is_dtensor(p):
+                buffers.append(InPlaceBuffer(p))
+            elif may_move(p, own):
+                movable.setdefault((p.device, p.dtype), []).append(p)
+            else:
+                buffers.append(PinnedBuffer(p))
+        buffers.extend(FlatBuffer(ps, self._buffer_slices) for ps in movable.values())
         return buffers
 
-    def _repack_group(self, group_index: int) -> None:
-        """A parameter left its buffer (``model.to()``, ``p.data = ...``): pack the group
-        again from the parameters as they are now and carry their state over."""
-        params = self.param_groups[group_index]["params"]
-        carried = {p: {k: v.detach().clone() if torch.is_tensor(v) else v for k, v in self.state[p].items()}
-                   for p in params if self.state.get(p)}
-        # Views into the old buffers' counters (kept alive here): copied over without a host read.
-        hidden_steps = {p: self._slots[p][0].step[self._slots[p][1]] for p in params}
-        self._check_packable(params)
-        self._group_buffers[group_index] = self._pack(params)
-        for p, state in carried.items():
-            self._adopt_state(p, state)
-        for p, step in hidden_steps.items():
-            buf, i = self._slots[p]
-            buf.step[i] = step
+    def _make_plan(self, group: dict[str, Any], old: list[GroupPlan]) -> GroupPlan:
+        params = list(group["params"])
+        lazy = [p for p in params if is_lazy(p)]
+        self._check_params([p for p in params if not is_lazy(p)])
+        present = [p for p in params if not is_lazy(p)]
+        for buf in self._new_buffers([p for p in present if not self._in_its_slot(p)]):
+            for row, p in enumerate(buf.params):
+                self._slots[p] = (buf, row)
+        synced = {p: s for plan in old for part in plan.parts for p, s in zip(part.params, part.synced)
+                  if self._slots.get(p, (None,))[0] is part.buf}
+        parts: dict[int, Part] = {}
+        for p in present:
+            buf, row = self._slots[p]
+            part = parts.get(id(buf))
+            if part is None:
+                part = parts[id(buf)] = Part(buf, [], [], [], [])
+            part.rows.append(row)
+            part.params.append(p)
+            part.views.append(buf.views[row])
+            part.synced.append(synced.get(p))
+        keys = self._group_state_keys(group)
+        for part in parts.values():
+            part.keys = keys
+        return GroupPlan(params, list(parts.values()), lazy)
 
-    # --- state --------------------------------------------------------------------
-    def _adopt_state(self, p: torch.Tensor, state: dict[str, Any]) -> None:
-        """Makes ``state`` (tensors from a checkpoint or a previous buffer) live in p's
-        flat buffers: values are copied into the slots and state[p] holds views."""
-        buf, i = self._slots[p]
-        adopted = {}
-        for key, value in state.items():
-            if key == "step":
-                buf.step[i] = value  # a tensor is copied on its device, with no host read
-                adopted[key] = buf.step[i]
-            elif torch.is_tensor(value) and key in self._state_keys:
-                view = buf.view_of(buf.state_buffer(key), i)
-                view.copy_(value)
-                adopted[key] = view
-            else:
-                adopted[key] = value
-        self.state[p] = adopted
-
-    def _ensure_state(self, buf: FlatBuffer, rows: list[int], keys: tuple[str, ...]) -> None:
-        """torch.optim creates state on a parameter's first step with a grad; so do we,
-        as views into zero-initialised flat buffers."""
-        if buf.state_complete_for == keys or not keys:
-            return
-        flats = [(key, buf.state_buffer(key)) for key in keys if key != "step"]  # steps: buf.step
-        state = self.state
-        for i in rows:
-            p = buf.params[i]
-            entry = state.get(p)
-            if entry is not None and all(key in entry for key in keys):
+    def _current_plans(self) -> list[GroupPlan]:
+        """A plan per param group, following edits of ``param_groups`` (parameters
+        added, removed, groups deleted) and lazy parameters that materialised."""
+        old = self._plans
+        plans = []
+        for index, group in enumerate(self.param_groups):
+            params = group["params"]
+            if index < len(old) and old[index].describes(params):
+                plans.append(old[index])
                 continue
-            entry = state[p]
-            if "step" in self._state_keys and "step" not in entry:
-                entry["step"] = buf.step[i]
-            for key, flat in flats:
-                if key not in entry:
-                    entry[key] = buf.view_of(flat, i)
-        if len(rows) == len(buf.params):
-            buf.state_complete_for = keys
+            match = next((plan for plan in old if plan.describes(params)), None)
+            plans.append(match if match is not None else self._make_plan(group, old))
+        self._plans = plans
+        return plans
 
-    # --- grads --------------------------------------------------------------------
+    def _check_part(self, part: Part) -> tuple:
+        if isinstance(part.buf, InPlaceBuffer):
+            return self._check_dtensor_part(part)
+        return _C.sync_check(part.params, part.views, part.grad_slots(), self.state, part.keys, part.synced)
+
+    def _check_dtensor_part(self, part: Part) -> tuple:
+        (p,) = part.params
+        if p.to_local().data_ptr() != part.buf.data.data_ptr():
+            return 0, None, None, None, False, -1  # the engine replaced the shard
+        dirty = [] if not part.keys or state_in_sync(self.state.get(p), part.synced[0], part.keys) else [0]
+        if p.grad is None:
+            return -1, dirty, [], [], False, -1
+        bad = 0 if p.grad.layout != torch.strided or p.grad.dtype != p.dtype else -1
+        return -1, dirty, None, [p.grad], False, bad
+
+    def _checked_parts(self, with_state: bool = True, check_grads: bool = True) -> list[CheckedPart]:
+        """Every part, checked against the public objects; a parameter that left its
+        slot (``p.data = ...``, ``model.to()``) gets a new one, its state following it."""
+        checked = []
+        plans = self._current_plans()
+        for index, (group, plan) in enumerate(zip(self.param_groups, plans)):
+            keys = self._group_state_keys(group) if with_state else ()
+            for _ in range(2):
+                results = []
+                for part in plan.parts:
+                    if with_state and part.keys != keys:  # e.g. amsgrad or momentum switched on
+                        part.keys, part.synced, part.complete = keys, [None] * len(part.rows), False
+                    saved_keys = part.keys
+                    part.keys = part.keys if with_state else ()
+                    try:
+                        stale, dirty, rows, grads, flat, bad = self._check_part(part)
+                    finally:
+                        part.keys = saved_keys
+                    if stale >= 0:
+                        break
+                    rows = range(len(part.rows)) if rows is None else rows
+                    results.append((part, dirty, list(rows), grads, flat, bad))
+                else:
+                    break
+                plan = self._plans[index] = self._make_plan(group, self._plans)
+            else:
+                raise RuntimeError("fusedopt: internal error: a parameter keeps leaving its slot")
+            for part, dirty, rows, grads, flat, bad in results:
+                if bad >= 0 and check_grads:
+                    self._raise_bad_grad(part.params[bad])
+                checked.append(CheckedPart(group, part, dirty, rows, grads, flat))
+        return checked
+
+    def _raise_bad_grad(self, p: torch.Tensor) -> None:
+        g = p.grad
+        if g.layout != torch.strided:
+            raise RuntimeError(self._sparse_grad_message)
+        raise RuntimeError(f"fusedopt: a parameter of dtype {p.dtype} on {p.device} with shape "
+                           f"{tuple(p.shape)} has a grad of dtype {g.dtype} on {g.device} with shape "
+                           f"{tuple(g.shape)}; they must match")
+
+    # --- state ------------------------------------------------------------------------
+    def _row_state(self, p: torch.Tensor, entry: dict | None, keys: tuple[str, ...], has_grad: bool):
+        """The state values ``entry`` (optimizer.state[p]) gives for ``keys``, validated
+        as torch.optim would use them: {} for fresh state (no entry, an empty one, or
+        None values), None to leave the row alone this step. Raises what torch.optim's
+        step would (KeyError for a missing key), but before anything is written."""
+        if not entry:
+            return {}
+        for key in self._keys_required_in_state(keys):
+            if key not in entry:
+                if has_grad:
+                    raise KeyError(key)
+                return None
+        values = {}
+        for key in keys:
+            value = entry.get(key)
+            if value is None:
+                continue
+            if key == "step":
+                if torch.is_tensor(value) and value.numel() != 1:
+                    raise RuntimeError(f"fusedopt: state['step'] must hold one number, got shape "
+                                       f"{tuple(value.shape)}")
+            elif not torch.is_tensor(value) or value.shape != p.shape:
+                shape = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
+                raise RuntimeError(f"fusedopt: state['{key}'] of shape {shape} does not match its "
+                                   f"parameter of shape {tuple(p.shape)}")
+            values[key] = value
+        return values
+
+    def _keys_required_in_state(self, keys: tuple[str, ...]) -> tuple[str, ...]:
+        """Keys a non-empty state entry must have for torch.optim's step."""
+        return ()
+
+    def _sync_state(self, checked: list[CheckedPart]) -> None:
+        """Brings the slots of every row whose public state changed up to date: all
+        rows are validated first, then written."""
+        own = None
+        plan = []
+        for c in checked:
+            if not c.dirty:
+                continue
+            with_grad = set(c.rows)
+            own = self._own_memory() if own is None else own
+            for j in c.dirty:
+                p, row = c.part.params[j], c.part.rows[j]
+                entry = self.state.get(p)
+                values = self._row_state(p, entry, c.part.keys, j in with_grad)
+                if values is None:
+                    continue
+                for key, value in values.items():
+                    view = c.part.buf.state_view(key, row)
+                    if torch.is_tensor(value) and in_memory(value, own) and not _is_exactly(value, view):
+                        values[key] = value.clone()  # it is another slot: read it before any write
+                plan.append((c.part, j, entry, values))
+        for part, j, entry, values in plan:
+            self._adopt_row(part, j, entry, values)
+
+    def _adopt_row(self, part: Part, j: int, entry: dict | None, values: dict[str, Any]) -> None:
+        buf, row = part.buf, part.rows[j]
+        views = []
+        for key in part.keys:
+            view = buf.state_view(key, row)
+            value = values.get(key)
+            if value is None:
+                view.zero_()
+            elif torch.is_tensor(value):
+                if not _is_exactly(value, view):
+                    view.copy_(value.to_local() if is_dtensor(value) and not is_dtensor(view) else value)
+            else:
+                view.fill_(value)
+            views.append(view)
+        self._adopted(buf, row, values)
+        part.complete = False
+        if not values:
+            part.synced[j] = None  # fresh: torch.optim makes the state at the next step with a grad
+            return
+        for key, view in zip(part.keys, views):
+            entry[key] = view
+        part.synced[j] = _synced(entry, part.keys, views)
+
+    def _adopted(self, buf: FlatBuffer, row: int, values: dict[str, Any]) -> None:
+        """Subclass hook: a row's state was taken from the public objects."""
+
+    def _ensure_state(self, part: Part, positions: list[int]) -> None:
+        """torch.optim creates state on a parameter's first step with a grad; so do we,
+        as views into the flat state buffers."""
+        if part.complete or not part.keys:
+            return
+        state, buf = self.state, part.buf
+        for j in positions:
+            if part.synced[j] is not None:
+                continue
+            p, row = part.params[j], part.rows[j]
+            entry = state[p]
+            views = [buf.state_view(key, row) for key in part.keys]
+            for key, view in zip(part.keys, views):
+                entry[key] = view
+            part.synced[j] = _synced(entry, part.keys, views)
+        part.complete = all(s is not None for s in part.synced)
+
+    def _check_state_fits(self, state: dict, param_groups: list[dict[str, Any]]) -> None:
+        """A state about to replace this optimizer's (load_state_dict) must fit its
+        parameters; raises before anything is replaced."""
+        params = (p for group in param_groups for p in group["params"])
+        for index, p in enumerate(params):
+            entry = state.get(p)
+            if not entry:
+                continue
+            if not isinstance(entry, dict):
+                raise ValueError(f"loaded state dict has a state of type {type(entry).__name__} for "
+                                 f"parameter {index}; expected a dict")
+            for key in self._keys_required_on_load:
+                if key not in entry:
+                    raise KeyError(key)
+            for key, value in entry.items():
+                if key not in self._state_keys or value is None:
+                    continue
+                if key == "step":
+                    if torch.is_tensor(value) and value.numel() != 1:
+                        raise ValueError(f"loaded state dict has a 'step' of shape {tuple(value.shape)} "
+                                         f"for parameter {index}; expected a scalar")
+                elif not torch.is_tensor(value) or value.shape != p.shape:
+                    shape = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
+                    raise ValueError(f"loaded state dict has '{key}' of shape {shape} for parameter "
+                                     f"{index} of shape {tuple(p.shape)}")
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch.optim's, in its order: pre-hooks, validation, loading (all or nothing:
+        the new state is checked against the parameters before it replaces anything),
+        post-hooks. The loaded values are then copied into fusedopt's buffers at once,
+        so a later change to the checkpoint's tensors does not reach this optimizer."""
+        super().load_state_dict(state_dict)
+        if self._tracks_public_state:
+            self._sync_state(self._checked_parts(check_grads=False))
+
+    # --- grads ------------------------------------------------------------------------
     @torch.no_grad()
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """As torch.optim. With ``set_to_none=False`` the grads become views of one flat
-        grad buffer per flat param buffer, zeroed in a single pass, and later steps read
-        that buffer as one range (fusedopt's fastest path)."""
+        """As torch.optim. With ``set_to_none=False`` grads nothing else sees become views
+        of one flat grad buffer per flat param buffer, zeroed in a single pass, and later
+        steps read that buffer as one range (fusedopt's fastest path)."""
         self._pending_grad_multiplier = None
         if set_to_none:
             for group in self.param_groups:
                 for p in group["params"]:
                     p.grad = None
-            for buffers in self._group_buffers:
-                for buf in buffers:
-                    buf.release_grad_buffer()
+            for buf, _ in self._slots.values():
+                buf.release_grad_buffer()
             return
-        for buffers in self._group_buffers:
-            for buf in buffers:
-                buf.zero_grads_flat()
+        zeroed = []
+        for c in self._checked_parts(with_state=False):
+            zeroed.extend(c.part.buf.zero_grads(c.part.rows))
+        for plan in self._plans:
+            zeroed.extend(p.grad.zero_() for p in plan.lazy if p.grad is not None)
+        torch.autograd.graph.increment_version(zeroed)
 
-    def _collect_work(self):
-        """Grads of every buffer, validated before anything is updated so that bad
-        input leaves the optimizer and the model as they were."""
-        work = []
-        for gi, group in enumerate(self.param_groups):
-            buffers = self._group_buffers[gi]
-            try:
-                collected = [buf.collect_grads(self._sparse_grad_message) for buf in buffers]
-            except StaleBufferError:
-                self._repack_group(gi)
-                buffers = self._group_buffers[gi]
-                collected = [buf.collect_grads(self._sparse_grad_message) for buf in buffers]
-            work.extend((group, buf, rows, grads) for buf, (rows, grads) in zip(buffers, collected) if rows)
-        return work
+    def _collect_work(self) -> list[CheckedPart]:
+        """Every part with grads, after the cache was brought in line with the public
+        objects; validated before anything is updated, so that bad input leaves the
+        optimizer and the model as they were."""
+        checked = self._checked_parts(with_state=self._tracks_public_state)
+        self._sync_state(checked)
+        return [c for c in checked if c.rows]
 
     @staticmethod
     def _lr_arguments(lr, device: torch.device):
@@ -212,7 +478,7 @@ class FusedOptimizer(Optimizer):
             return 0.0, lr.to(device=device, dtype=torch.float64, non_blocking=True).reshape(())
         return float(lr), None
 
-    # --- step ---------------------------------------------------------------------
+    # --- step -------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure=None, *, zero_grad: bool = False):
         """As torch.optim. ``zero_grad=True`` zeroes the grads inside the update pass
@@ -224,17 +490,31 @@ class FusedOptimizer(Optimizer):
                 loss = closure()
         transform = GradTransform(getattr(self, "grad_scale", None), getattr(self, "found_inf", None),
                                   self._pending_grad_multiplier, zero_grad)
+        work = self._collect_work()
         self._pending_grad_multiplier = None
         # A step GradScaler skips creates no state, as with torch.optim. Only a CPU
         # found_inf is read here; a CUDA one is left to the kernel (no host sync), and
         # the state it leaves is all zeros and counts no step.
         found_inf = transform.found_inf
         skipped = found_inf is not None and found_inf.device.type == "cpu" and bool(found_inf.item())
-        for group, buf, rows, grads in self._collect_work():
-            self._update_buffer(group, buf, buf.segments(rows), grads, transform.on(buf.device))
-            if not skipped:
-                self._ensure_state(buf, rows, self._group_state_keys(group))
+        for c in work:
+            self._run(c, transform, skipped)
         return loss
+
+    def _run(self, c: CheckedPart, transform: GradTransform, skipped: bool) -> None:
+        buf = c.part.buf
+        rows = [c.part.rows[j] for j in c.rows]
+        buf.before_kernel()
+        self._update_buffer(c.group, buf, buf.segments(rows), buf.kernel_grads(rows, c.grads, c.flat),
+                            transform.on(buf.device))
+        if transform.zero_grads:
+            torch.autograd.graph.increment_version(c.grads)
+        if skipped:
+            return
+        buf.after_kernel()
+        # The update is an in-place write to each parameter: autograd must see it.
+        torch.autograd.graph.increment_version([c.part.params[j] for j in c.rows])
+        self._ensure_state(c.part, c.rows)
 
     def _group_state_keys(self, group) -> tuple[str, ...]:
         raise NotImplementedError
@@ -260,18 +540,22 @@ class FusedOptimizer(Optimizer):
         """
         norm_type = float(norm_type)
         work = self._collect_work()
-        if any(isinstance(buf, InPlaceBuffer) for _, buf, _, _ in work):
+        if any(isinstance(c.part.buf, InPlaceBuffer) for c in work):
             # Each rank holds only its shards' grads; the norm needs a reduction over the mesh.
             raise RuntimeError("fusedopt: clip_grad_norm_ does not support DTensor (FSDP2) parameters; "
                                "use torch.nn.utils.clip_grad_norm_, which reduces across ranks")
         if not work:
             return torch.tensor(0.0)
-        norms = [ops.grad_norm(grads, buf.segments(rows), norm_type) for _, buf, rows, grads in work]
+        norms = []
+        for c in work:
+            rows = [c.part.rows[j] for j in c.rows]
+            norms.append(ops.grad_norm(c.part.buf.kernel_grads(rows, c.grads, c.flat), c.part.buf.segments(rows),
+                                       norm_type))
         device = norms[0].device
         total = torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]), norm_type)
         if grad_scaler is not None and grad_scaler.is_enabled():
             total = self._unscale_norm_for(grad_scaler, total)
-        dtypes = {buf.dtype for _, buf, _, _ in work}
+        dtypes = {c.part.buf.dtype for c in work}
         if len(dtypes) == 1:  # torch.nn.utils.clip_grad_norm_ returns the grads' dtype
             total = total.to(dtypes.pop())
         if self._pending_grad_multiplier is not None:  # grads already clipped once
@@ -304,68 +588,34 @@ class FusedOptimizer(Optimizer):
         self.grad_scale = scale
         return scaled_norm * scale.double().reciprocal().float().to(scaled_norm.device)
 
-    # --- checkpoints ----------------------------------------------------------------
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """torch.optim's format, from torch.optim or fusedopt. A checkpoint that does not
-        fit raises ValueError before anything changes."""
-        self._validate_checkpoint(state_dict)
-        super().load_state_dict(state_dict)
-        loaded = self.state
-        self.state = defaultdict(dict)
-        for buffers in self._group_buffers:
-            for buf in buffers:
-                for flat in buf.state.values():
-                    flat.zero_()
-                buf.step.zero_()
-                buf.state_complete_for = None
-        for p, state in loaded.items():
-            if p in self._slots:
-                self._adopt_state(p, state)
-            else:  # state of no current parameter: torch keeps it as is
-                self.state[p] = state
 
-    def _validate_checkpoint(self, state_dict: dict[str, Any]) -> None:
-        groups = state_dict.get("param_groups")
-        if not isinstance(groups, list) or not isinstance(state_dict.get("state"), dict):
-            raise ValueError("loaded state dict must have 'state' and 'param_groups' as torch.optim's")
-        if len(groups) != len(self.param_groups):
-            raise ValueError("loaded state dict has a different number of parameter groups")
-        if any(len(g["params"]) != len(s["params"]) for g, s in zip(self.param_groups, groups)):
-            raise ValueError("loaded state dict contains a parameter group "
-                             "that doesn't match the size of optimizer's group")
-        index_to_param = dict(zip((i for g in groups for i in g["params"]),
-                                  (p for g in self.param_groups for p in g["params"])))
-        for index, state in state_dict["state"].items():
-            p = index_to_param.get(index)
-            if p is None or not isinstance(state, dict):
-                continue
-            for key, value in state.items():
-                if key == "step":
-                    if torch.is_tensor(value) and value.numel() != 1:
-                        raise ValueError(f"loaded state dict has a 'step' of shape {tuple(value.shape)} "
-                                         f"for parameter {index}; expected a scalar")
-                elif key in self._state_keys and value is not None:
-                    if not torch.is_tensor(value) or value.shape != p.shape:
-                        shape = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
-                        raise ValueError(f"loaded state dict has '{key}' of shape {shape} for parameter "
-                                         f"{index} of shape {tuple(p.shape)}")
+def in_memory(t: torch.Tensor, spans: list[tuple[int, int]]) -> bool:
+    address = address_of(t)
+    return any(start <= address < end for start, end in spans)
 
 
-def check_no_shared_memory(params: list[torch.Tensor], name: str) -> None:
-    """Parameters whose memory overlaps (two Parameters over one tensor) are updated
-    through each other by torch.optim; flat buffers would silently untie them."""
-    spans = []
-    for index, p in enumerate(params):
-        if InPlaceBuffer.needed_for(p):  # a DTensor has no storage; its local shard has
-            p = p.to_local()
-        if p.numel() == 0:
-            continue
-        start = p.storage_offset()
-        end = start + sum((size - 1) * stride for size, stride in zip(p.shape, p.stride())) + 1
-        spans.append((p.untyped_storage().data_ptr(), start * p.element_size(), end * p.element_size(), index))
-    spans.sort()
-    for (storage_a, _, end_a, a), (storage_b, start_b, _, b) in zip(spans, spans[1:]):
-        if storage_a == storage_b and start_b < end_a:
-            raise ValueError(f"{name}: parameters {a} and {b} share memory; fusedopt packs each "
-                             "parameter into its own slot and cannot keep them tied")
+def _is_exactly(value: torch.Tensor, view: torch.Tensor) -> bool:
+    """Whether ``value`` is the slot ``view`` itself (a self-load hands fusedopt its own views)."""
+    if value is view:
+        return True
+    if is_dtensor(value) or is_dtensor(view):
+        return False
+    return same_place(value, view)
 
+
+def _synced(entry: dict, keys: tuple[str, ...], views: list[torch.Tensor]) -> tuple:
+    """What _C.sync_check compares state[p] with: the entry, then each key's view and address."""
+    synced = [entry]
+    for view in views:
+        synced += [view, address_of(view)]
+    return tuple(synced)
+
+
+def state_in_sync(entry: dict | None, synced: tuple | None, keys: tuple[str, ...]) -> bool:
+    """_C.sync_check's state test, for the parts checked in Python (DTensor)."""
+    if synced is None:
+        return entry is None
+    if entry is not synced[0]:
+        return False
+    return all(entry.get(key) is synced[1 + 2 * k] and address_of(synced[1 + 2 * k]) == synced[2 + 2 * k]
+               for k, key in enumerate(keys))

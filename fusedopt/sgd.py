@@ -5,16 +5,18 @@ from __future__ import annotations
 import torch
 
 from . import ops
-from .optimizer import FusedOptimizer, hyperparameter, reject_differentiable
+from .flat_buffer import is_dtensor
+from .optimizer import FusedOptimizer, hyperparameter, reject_differentiable, same_place
 
 
 class SGD(FusedOptimizer):
     """Drop-in for ``torch.optim.SGD``. ``foreach`` and ``fused`` are accepted and
     recorded in param_groups; the step is always fusedopt's fused kernel.
 
-    Besides torch's ``momentum_buffer`` state, each flat buffer counts the steps each
-    parameter has taken (not exposed), so a parameter's first step starts its buffer as
-    a copy of the grad, as torch.optim does, even when GradScaler skipped earlier steps.
+    Besides torch's ``momentum_buffer`` state, each flat buffer records per parameter
+    whether its momentum buffer has been started (the ``step`` counter, not exposed), so
+    a parameter's first step with momentum starts its buffer as a copy of the grad, as
+    torch.optim does, even when GradScaler skipped earlier steps or momentum was 0 before.
     """
 
     _state_keys = ("momentum_buffer",)
@@ -60,10 +62,10 @@ class SGD(FusedOptimizer):
             hyperparameter(group["weight_decay"]), group["nesterov"], group["maximize"],
             transform.grad_scale, transform.found_inf, transform.grad_multiplier, transform.zero_grads)
 
-    def _adopt_state(self, p, state):
-        super()._adopt_state(p, state)
-        buf, i = self._slots[p]
-        buf.step[i] = 1.0 if state.get("momentum_buffer") is not None else 0.0
+    def _adopted(self, buf, row, values):
+        # A momentum buffer given through optimizer.state is a started one; None or none
+        # makes torch.optim start it from the next grad.
+        buf.step[row] = 1.0 if values.get("momentum_buffer") is not None else 0.0
 
     def state_dict(self):
         """torch.optim's format. A momentum buffer whose parameter has not yet taken a
@@ -74,13 +76,19 @@ class SGD(FusedOptimizer):
         params = (p for group in self.param_groups for p in group["params"])
         for index, p in enumerate(params):
             entry = state_dict["state"].get(index)
-            if entry is None or "momentum_buffer" not in entry:
+            buffer = entry.get("momentum_buffer") if entry else None
+            if buffer is None or p not in self._slots or is_dtensor(p):
                 continue
             buf, i = self._slots[p]
+            if not same_place(buffer, buf.state_view("momentum_buffer", i)):
+                continue  # not fusedopt's slot yet (loaded or set by the user): torch's value
             if buf not in steps_taken:
                 steps_taken[buf] = buf.step.tolist()
             if steps_taken[buf][i] == 0:
-                del entry["momentum_buffer"]
-                if not entry:
+                # A copy: the entry itself is optimizer.state[p], which keeps its view.
+                entry = {key: value for key, value in entry.items() if key != "momentum_buffer"}
+                if entry:
+                    state_dict["state"][index] = entry
+                else:
                     del state_dict["state"][index]
         return state_dict

@@ -115,11 +115,10 @@ def test_overflow_changes_nothing_even_on_the_first_step(algo):
     scaler.step(opt)
     for p, b in zip(model.parameters(), before):
         assert torch.equal(p, b)
-    for buffers in opt._group_buffers:
-        for buf in buffers:
-            assert torch.all(buf.step == 0)
-            for flat in buf.state.values():
-                assert torch.all(flat == 0)  # finite, and never written
+    for buf in {id(buf): buf for buf, _ in opt._slots.values()}.values():
+        assert torch.all(buf.step == 0)
+        for flat in buf.state.values():
+            assert torch.all(flat == 0)  # finite, and never written
     if algo == "sgd":  # torch.optim would not have created a momentum buffer yet
         assert opt.state_dict()["state"] == {}
 

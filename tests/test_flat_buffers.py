@@ -69,9 +69,9 @@ def test_non_dense_param_is_stored_densely_and_trains_like_torch(algo):
     params = [nn.Parameter(wide[:, ::2]), nn.Parameter(torch.randn(4))]
     assert params[0].stride() == (10, 2)
     pair = OptimizerPair(algo, params, **default_kwargs(algo, **OPTIONS[algo]))
-    assert pair.fused_params[0].is_contiguous()
     for step in range(STEPS):
         pair.step(random_grads(params, step))
+        assert pair.fused_params[0].is_contiguous()  # moved: nothing else saw its memory
         assert_optimizers_match(pair.ref, pair.fused, pair.ref_params, pair.fused_params)
 
 
@@ -82,12 +82,12 @@ def test_params_of_one_group_and_dtype_share_one_buffer(algo):
     params = make_params([(4, 3), (5,), (2, 2, 2)]) + make_params([(3,), (7,)], torch.float64)
     opt = getattr(fusedopt, algo)(params, **default_kwargs(algo, **OPTIONS[algo]))
     storage = lambda t: t.untyped_storage().data_ptr()
+    for p, g in zip(params, random_grads(params, 0)):
+        p.grad = g
+    opt.step()  # buffers are made at the first step
     assert len({storage(p) for p in params[:3]}) == 1
     assert len({storage(p) for p in params[3:]}) == 1
     assert storage(params[0]) != storage(params[3])
-    for p, g in zip(params, random_grads(params, 0)):
-        p.grad = g
-    opt.step()
     for key in opt.state[params[0]]:
         if key != "step":
             assert len({storage(opt.state[p][key]) for p in params[:3]}) == 1, key
@@ -357,6 +357,7 @@ def test_adam_state_memory_is_its_moments_only(amsgrad):
     for p, g in zip(params, random_grads(params, 0)):
         p.grad = g
     opt.step()
-    (buf,) = opt._group_buffers[0]
+    (part,) = opt._plans[0].parts
+    buf = part.buf
     assert sum(flat.numel() for flat in buf.state.values()) == (3 if amsgrad else 2) * buf.numel
     assert buf.step.numel() == len(params)

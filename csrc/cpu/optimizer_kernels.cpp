@@ -16,8 +16,9 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <c10/util/SmallVector.h>
+
 #include <algorithm>
-#include <array>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -115,8 +116,7 @@ void gather_strided(const at::Tensor& grad, int64_t begin, int64_t end, scalar_t
   const int64_t dim = grad.dim();
   const auto sizes = grad.sizes();
   const auto strides = grad.strides();
-  std::array<int64_t, 16> index{};
-  TORCH_CHECK(dim <= 16, "fusedopt: grads with more than 16 dims are not supported");
+  c10::SmallVector<int64_t, 8> index(dim, 0);
   int64_t rest = begin;
   for (int64_t d = dim - 1; d >= 0; --d) {
     index[d] = rest % sizes[d];
@@ -404,7 +404,8 @@ void sgd_step_cpu(at::Tensor& param, const std::optional<at::Tensor>& momentum_b
   const float* steps = step.data_ptr<float>();
   for (int64_t s = 0; s < num_segments; ++s)
     first_step[s] = steps[seg[s * kSegmentColumns + kParamIndex]] == 0.0f;
-  advance_steps(step, seg, num_segments);
+  // The counter records a started momentum buffer: a step without momentum starts none.
+  if (has_momentum) advance_steps(step, seg, num_segments);
   const auto items = split_segments(seg, num_segments);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, param.scalar_type(), "fusedopt::sgd_step_", [&] {
     using opmath_t = at::opmath_type<scalar_t>;

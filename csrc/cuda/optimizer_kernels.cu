@@ -182,7 +182,8 @@ sgd_prepare_kernel(const int64_t* __restrict__ segments, int64_t num_segments, f
   coefficients[r] = {sgd_coefficients<opmath_t>(lr_tensor.value_or(hyper.lr), hyper.momentum,
                                                 hyper.dampening, hyper.weight_decay),
                      counter == 0.0f};
-  counter += 1.0f;
+  // The counter records a started momentum buffer: a step without momentum starts none.
+  if (hyper.momentum != 0.0) counter += 1.0f;
 }
 
 template <typename scalar_t>
