@@ -21,7 +21,7 @@ from . import _C
 from .flat_buffer import FlatBuffer, InPlaceBuffer, PinnedBuffer, is_dtensor, may_move
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-SUPPORTED_DEVICE_TYPES = ("cpu", "cuda")
+SUPPORTED_DEVICE_TYPES = ("cpu", "cuda", "meta")  # meta: shapes only, as torch.optim
 
 
 def reject_differentiable(differentiable: bool) -> None:
