@@ -230,6 +230,12 @@ class FusedOptimizer(Optimizer):
             part.params.append(p)
             part.views.append(buf.views[row])
             part.synced.append(synced.get(p))
+            if p not in synced and not self.state.get(p):
+                # A slot that comes back without its record (its group was deleted, then
+                # the parameter re-added): torch.optim starts such a parameter afresh.
+                buf.step[row] = 0
+                for flat in buf.state.values():
+                    buf.view_of(flat, row).zero_()
         keys = self._group_state_keys(group)
         for part in parts.values():
             part.keys = keys
