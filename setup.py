@@ -7,10 +7,15 @@
 
 CUDA kernels are built when torch is a CUDA build and a toolkit is found, never
 depending on a visible GPU, so a GPU-less CI machine still compiles and links them.
+
+The modules link against the exact torch they were compiled with (its C++ ABI and, in
+a CUDA build, libc10_cuda.so), so the package's metadata pins that torch and
+`fusedopt/_build_info.py` records it for fusedopt/ops.py to check at import.
 """
 import glob
 import os
 import platform
+from importlib import metadata
 
 import torch
 from setuptools import setup
@@ -24,7 +29,8 @@ if not (os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")) and os.path.
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-CXX_FLAGS = ["-O3", "-fno-math-errno"]
+# -g0: Python's CFLAGS carry -g, which made each module ~12x its stripped size.
+CXX_FLAGS = ["-O3", "-fno-math-errno", "-g0"]
 
 # Flags of ATen's own per-ISA builds; CPU_CAPABILITY picks at::vec's implementation.
 CPU_VARIANTS = {"default": ["-DCPU_CAPABILITY=DEFAULT", "-DCPU_CAPABILITY_DEFAULT"]}
@@ -79,7 +85,26 @@ def extensions():
     return exts
 
 
+BUILD_INFO = f"""\
+# Written by setup.py with the extension modules beside it: the torch they were built
+# against. fusedopt/ops.py refuses to load them under another torch.
+TORCH_VERSION = {torch.__version__!r}
+TORCH_CUDA = {torch.version.cuda!r}
+"""
+
+
+class BuildExtensionWithInfo(BuildExtension.with_options(use_ninja=True)):
+    def run(self):
+        super().run()
+        # Beside the modules: the source tree for in-place and editable builds, else the
+        # build folder a wheel is made from.
+        path = os.path.join(os.path.dirname(self.get_ext_fullpath("fusedopt._C")), "_build_info.py")
+        with open(path, "w") as info:
+            info.write(BUILD_INFO)
+
+
 setup(
     ext_modules=extensions(),
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": BuildExtensionWithInfo},
+    install_requires=[f"torch=={metadata.version('torch')}", "tqdm", "matplotlib"],
 )

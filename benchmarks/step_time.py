@@ -10,4 +10,4 @@ import sys
 from fusedopt.bench import main
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main(sys.argv[1:], prog="python benchmarks/step_time.py"))

@@ -3,11 +3,13 @@ fused steps (and, on CUDA, a torch.compile'd step), all in one run.
 
     python -m fusedopt.bench --quick
     fusedopt-bench --models gpt2-small,resnet50 --algos adamw --dtype bfloat16 --out bench-out
+    fusedopt-bench --contention 1 --models gpt2-small --algos adamw   # under load, on purpose
 
-Models are parameter *shapes* only (plain tensors, no download) with random grads
-assigned once, so a timed step is the optimizer's work and nothing else. Peers are
-timed round-robin, rep by rep, so machine noise hits all of them alike; reported
-times are medians. Writes results.json, table.md and results.png to --out.
+Models are parameter *shapes* only (plain tensors, no download) with random grads, so a
+timed step is the optimizer's work and nothing else. Implementations are timed
+round-robin, rep by rep, so machine noise hits all of them alike; reported times are
+medians. The load other processes put on the machine is measured before and during the
+timing and reported with the results. Writes results.json, table.md and results.png to --out.
 """
 from __future__ import annotations
 
@@ -17,8 +19,10 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from importlib import metadata
@@ -29,6 +33,7 @@ import torch
 from tqdm import tqdm
 
 import fusedopt
+from fusedopt import ops
 
 # Kineto prints trace markers and "no GPU" errors to stderr on every profiled step,
 # which would shred the progress bar; 6 is above its highest level. Read when the
@@ -118,82 +123,110 @@ ALGOS = {
 Step = Callable[[], None]
 
 
-def torch_step(algo: Algo, params: list[torch.Tensor], **implementation):
-    """torch.optim with its implementation picked by keyword (foreach=..., fused=...)."""
-    opt = algo.torch_cls(params, **implementation, **algo.kwargs)
-    return opt, opt.step
+def torch_step(opt: torch.optim.Optimizer) -> Step:
+    return opt.step
 
 
-def torch_compiled(algo: Algo, params: list[torch.Tensor]):
-    opt = algo.torch_cls(params, **algo.kwargs)
-
+def torch_compiled(opt: torch.optim.Optimizer) -> Step:
     @torch.compile(fullgraph=False)
     def step():
         opt.step()
 
-    return opt, step
-
-
-def fusedopt_step(algo: Algo, params: list[torch.Tensor]):
-    opt = algo.fusedopt_cls(params, **algo.kwargs)
-    return opt, opt.step
+    return step
 
 
 @dataclass(frozen=True)
 class Peer:
+    """A torch.optim implementation, picked by keyword (foreach=..., fused=...)."""
     name: str
-    make: Callable[[Algo, list[torch.Tensor]], tuple[torch.optim.Optimizer, Step]]
-    # Re-seat the grads as views of fusedopt's flat grad buffer before timing.
-    flat_grads: bool = False
+    options: dict
+    wrap: Callable[[torch.optim.Optimizer], Step] = torch_step
     device_types: tuple[str, ...] = ("cpu", "cuda")
 
 
+TORCH_FUSED = "torch fused"
 FUSEDOPT = "fusedopt"
 FUSEDOPT_FLAT = "fusedopt (flat grads)"
-PEERS = [
-    Peer("torch for-loop", partial(torch_step, foreach=False)),
-    Peer("torch foreach", partial(torch_step, foreach=True)),
-    Peer("torch fused", partial(torch_step, fused=True)),
+TORCH_PEERS = [
+    Peer("torch for-loop", {"foreach": False}),
+    Peer("torch foreach", {"foreach": True}),
+    Peer(TORCH_FUSED, {"fused": True}),
     # On CPU, inductor would compile C++ for every (model, algo), taking longer than the
     # whole benchmark; the compiled step is a GPU baseline.
-    Peer("torch compiled", torch_compiled, device_types=("cuda",)),
-    Peer(FUSEDOPT, fusedopt_step),
-    Peer(FUSEDOPT_FLAT, fusedopt_step, flat_grads=True),
+    Peer("torch compiled", {}, wrap=torch_compiled, device_types=("cuda",)),
 ]
+IMPLEMENTATIONS = [peer.name for peer in TORCH_PEERS] + [FUSEDOPT, FUSEDOPT_FLAT]
+
+
+def peers_for(device: torch.device) -> list[Peer]:
+    return [peer for peer in TORCH_PEERS if device.type in peer.device_types]
 
 
 @dataclass
 class Runner:
-    """One implementation of one (model, algo) case, with its own params, grads and state."""
+    """One implementation of one (model, algo) case: its step, and the grads it reads."""
     name: str
     step: Step | None
+    grads: list[torch.Tensor] = field(default_factory=list)
     note: str = ""
     times: list[float] = field(default_factory=list)
     extra_bytes: int | None = None
 
 
-def build_runner(peer: Peer, algo: Algo, ref_params, ref_grads) -> Runner:
-    device_type = ref_params[0].device.type
-    if device_type not in peer.device_types:
-        return Runner(peer.name, None, f"skipped: timed on {', '.join(peer.device_types)} only")
-    params = [p.clone() for p in ref_params]
-    for p, g in zip(params, ref_grads):
-        p.grad = g.clone()
-    try:
-        opt, step = peer.make(algo, params)
-        step()  # creates the state (and compiles), so timing sees steady-state steps
-    except Exception as error:  # a peer failing is a result to report, not a crash
-        lines = str(error).strip().splitlines() or [""]
-        return Runner(peer.name, None, f"failed: {type(error).__name__}: {lines[0]}"[:120])
-    note = ""
-    if peer.flat_grads:
-        opt.zero_grad(set_to_none=False)
-        with torch.no_grad():
-            for p, g in zip(params, ref_grads):
-                p.grad.copy_(g)
-        if len({p.grad.untyped_storage().data_ptr() for p in params}) != 1:
-            note = "grads did not become views of one buffer"
-    return Runner(peer.name, step, note)
+def random_tensors(shapes, device, dtype, generator) -> list[torch.Tensor]:
+    return [torch.randn(s, generator=generator, device=device, dtype=dtype) for s in shapes]
+
+
+def build_case(shapes, algo: Algo, device, dtype, seed: int):
+    """(params, runners): every implementation of one case, all stepping the *same*
+    parameters, grads and optimizer state, which live in fusedopt's flat buffers;
+    torch.optim's optimizers are handed the state as views, as fusedopt's own `state`
+    holds it. (A private copy for each of five implementations took 12 GB on GPT-2
+    Adam.) A step reads and writes every element whatever its value, so sharing leaves
+    each implementation's work unchanged, and a case's tensors are far larger than the
+    caches, so none finds another's data there.
+
+    Grads: fusedopt (flat grads) gets the views of its flat grad buffer that
+    zero_grad(set_to_none=False) makes, which it steps as one range. Everyone else gets
+    other tensor objects over the same memory, one per parameter, which fusedopt reads
+    as it reads autograd's grads: tensor by tensor, through its per-parameter table."""
+    generator = torch.Generator(device=device).manual_seed(seed)
+    params = random_tensors(shapes, device, dtype, generator)
+    fused = algo.fusedopt_cls(params, **algo.kwargs)  # packs params into its flat buffers
+
+    # Empty grads (no pages touched) that zero_grad moves into the flat grad buffer.
+    seat_grads(params, [torch.empty_like(p) for p in params])
+    fused.zero_grad(set_to_none=False)
+    flat_grads = [p.grad for p in params]
+    flat_note = ("" if len({g.untyped_storage().data_ptr() for g in flat_grads}) == 1
+                 else "grads did not become views of one buffer")
+    with torch.no_grad():
+        for g in flat_grads:
+            g.normal_(generator=generator)
+    grads = [g.view_as(g) for g in flat_grads]
+
+    seat_grads(params, grads)
+    fused.step()  # creates the state that every implementation steps
+    runners = []
+    for peer in peers_for(device):
+        opt = algo.torch_cls(params, **peer.options, **algo.kwargs)
+        for p in params:
+            opt.state[p] = dict(fused.state[p])  # the same tensors, in torch's own dict
+        runners.append(Runner(peer.name, peer.wrap(opt), grads))
+    runners += [Runner(FUSEDOPT, fused.step, grads), Runner(FUSEDOPT_FLAT, fused.step, flat_grads, flat_note)]
+    for runner in runners:
+        try:
+            seat_grads(params, runner.grads)
+            runner.step()  # compiles, where something compiles
+        except Exception as error:  # a peer failing is a result to report, not a crash
+            lines = str(error).strip().splitlines() or [""]
+            runner.step, runner.note = None, f"failed: {type(error).__name__}: {lines[0]}"[:120]
+    return params, runners
+
+
+def seat_grads(params, grads) -> None:
+    for p, g in zip(params, grads):
+        p.grad = g
 
 
 # --- measuring ---------------------------------------------------------------------
@@ -211,12 +244,14 @@ def timed(step: Step, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def time_round_robin(runners: list[Runner], device, warmup: int, reps: int, bar: tqdm) -> None:
+def time_round_robin(runners: list[Runner], params, device, warmup: int, reps: int,
+                     bar: tqdm) -> None:
     live = [r for r in runners if r.step is not None]
     for rep in range(warmup + reps):
         # Rotate the order each rep so no peer always runs right after the same one.
         shift = rep % max(1, len(live))
         for runner in live[shift:] + live[:shift]:
+            seat_grads(params, runner.grads)  # untimed: stands in for the backward pass
             seconds = timed(runner.step, device)
             if rep >= warmup:
                 runner.times.append(seconds)
@@ -265,31 +300,165 @@ def measure_bandwidth(device: torch.device, reps: int) -> dict:
             "reference_gbps": max(copy_gbps, inplace_gbps)}
 
 
-def random_model(shapes, device, dtype, seed: int):
-    generator = torch.Generator(device=device).manual_seed(seed)
-    params = [torch.randn(s, generator=generator, device=device, dtype=dtype) for s in shapes]
-    grads = [torch.randn(s, generator=generator, device=device, dtype=dtype) for s in shapes]
-    return params, grads
+# --- machine load ------------------------------------------------------------------
+# torch's fused CPU step opens a parallel region per tensor; when another process holds
+# a core, each region waits for a descheduled thread, and torch fused slows by up to 20x
+# while fusedopt (one region per step) barely moves. So load decides the ratios, and
+# every run measures it: CPU time the whole machine spent busy (/proc/stat) minus this
+# process's own, per second of wall time, i.e. how many cores others kept busy.
+
+BUSY_CORES = 0.25  # others' average use above which a run is reported as loaded
 
 
-def run_case(model, algo_name, ref_params, ref_grads, device, args, bar) -> list[dict]:
+@dataclass(frozen=True)
+class CpuSample:
+    wall: float
+    busy: float   # machine-wide CPU seconds spent busy since boot
+    steal: float  # CPU seconds the hypervisor gave this VM's CPUs to others
+    own: float    # this process's CPU seconds, all threads
+
+
+def cpu_sample() -> CpuSample | None:
+    try:
+        with open("/proc/stat") as stat:
+            ticks = [int(v) for v in stat.readline().split()[1:9]]
+    except (OSError, ValueError):  # not Linux
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = ticks + [0] * (8 - len(ticks))
+    hz = os.sysconf("SC_CLK_TCK")
+    return CpuSample(time.monotonic(), (user + nice + system + irq + softirq) / hz, steal / hz,
+                     time.process_time())
+
+
+@dataclass
+class LoadWindow:
+    """Other processes' CPU use, summed over one or more windows of wall time."""
+    seconds: float = 0.0
+    other_cpu_seconds: float = 0.0
+    steal_cpu_seconds: float = 0.0
+
+    def add(self, start: CpuSample | None, end: CpuSample | None) -> None:
+        if start is None or end is None:
+            return
+        self.seconds += end.wall - start.wall
+        self.other_cpu_seconds += max(0.0, (end.busy - start.busy) - (end.own - start.own))
+        self.steal_cpu_seconds += end.steal - start.steal
+
+    def merge(self, other: "LoadWindow") -> None:
+        self.seconds += other.seconds
+        self.other_cpu_seconds += other.other_cpu_seconds
+        self.steal_cpu_seconds += other.steal_cpu_seconds
+
+    @property
+    def other_cores(self) -> float | None:
+        return self.other_cpu_seconds / self.seconds if self.seconds > 0 else None
+
+    @property
+    def steal_cores(self) -> float | None:
+        return self.steal_cpu_seconds / self.seconds if self.seconds > 0 else None
+
+    def as_dict(self) -> dict:
+        return {"seconds": self.seconds, "other_cores": self.other_cores,
+                "steal_cores": self.steal_cores}
+
+
+@contextmanager
+def measuring(window: LoadWindow):
+    start = cpu_sample()
+    try:
+        yield
+    finally:
+        window.add(start, cpu_sample())
+
+
+def load_before_run(seconds: float = 1.0) -> LoadWindow:
+    window = LoadWindow()
+    with measuring(window):
+        time.sleep(seconds)
+    return window
+
+
+def load_verdict(before: LoadWindow, during: LoadWindow, contention: int, cores: int) -> dict:
+    """What the load means for the results: `loaded` when others used more than
+    BUSY_CORES on average before the run, or (without --contention) during the timing."""
+    def cores_text(window: LoadWindow) -> str:
+        return "unknown" if window.other_cores is None else f"{window.other_cores:.2f}"
+
+    checked = [before] if contention else [before, during]
+    loaded = any((w.other_cores or 0) > BUSY_CORES for w in checked)
+    measured = (f"other processes kept {cores_text(before)} of {cores} cores busy before the "
+                f"run and {cores_text(during)} during the timing")
+    if contention:
+        summary = f"contention on purpose: {contention} busy process(es) during the timing; {measured}"
+    else:
+        summary = f"machine load: {measured}"
+    if loaded:
+        summary = (f"LOADED MACHINE: {measured}. Under load torch's fused CPU step waits on "
+                   "descheduled threads, so these ratios are not this machine's quiet ones; "
+                   "rerun when it is quiet" + (", or measure load on purpose with --contention N"
+                                               if not contention else ""))
+    short = ("LOADED" if loaded else "contention" if contention else "quiet")
+    return {"verdict": short, "loaded": loaded, "summary": summary, "busy_cores_threshold": BUSY_CORES,
+            "contention_processes": contention, "before": before.as_dict(), "during": during.as_dict(),
+            "load_average_1min": load_average()}
+
+
+def load_average() -> list[float] | None:
+    return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+
+
+# Spins until its parent (the benchmark) is gone, so a killed benchmark leaves no spinner.
+SPINNER = """
+import os, sys
+parent = os.getppid()
+sys.stdout.write("spinning\\n"); sys.stdout.flush()
+while os.getppid() == parent:
+    for _ in range(1_000_000):
+        pass
+"""
+
+
+@contextmanager
+def busy_processes(count: int):
+    """`count` processes, each keeping one core busy, for the duration of the block."""
+    spinners = [subprocess.Popen([sys.executable, "-c", SPINNER], stdout=subprocess.PIPE, text=True)
+                for _ in range(count)]
+    try:
+        for spinner in spinners:
+            spinner.stdout.readline()  # started and spinning
+        yield [spinner.pid for spinner in spinners]
+    finally:
+        for spinner in spinners:
+            spinner.kill()
+            spinner.wait()
+            spinner.stdout.close()
+
+
+# --- one case ----------------------------------------------------------------------
+
+def run_case(model, algo_name, device, args, seed, during: LoadWindow, bar) -> list[dict]:
     algo = ALGOS[algo_name]
+    shapes = MODELS[model]()
     bar.set_postfix_str(f"{model} {algo_name}: building")
-    runners = [build_runner(peer, algo, ref_params, ref_grads) for peer in PEERS]
+    params, runners = build_case(shapes, algo, device, getattr(torch, args.dtype), seed)
     bar.update()
-    gc.collect()
     bar.set_postfix_str(f"{model} {algo_name}: timing")
-    time_round_robin(runners, device, args.warmup, args.reps, bar)
+    case_load = LoadWindow()
+    with busy_processes(args.contention), measuring(case_load):
+        time_round_robin(runners, params, device, args.warmup, args.reps, bar)
+    during.merge(case_load)
     bar.set_postfix_str(f"{model} {algo_name}: memory")
     for runner in runners:
         if runner.step is not None:
+            seat_grads(params, runner.grads)
             runner.extra_bytes = peak_extra_bytes(runner.step, device)
     bar.update()
 
-    elements = sum(p.numel() for p in ref_params)
-    bytes_per_step = algo.bytes_per_element * ref_params[0].element_size() * elements
-    base = {"model": model, "algo": algo_name, "dtype": args.dtype, "tensors": len(ref_params),
-            "elements": elements, "bytes_per_step": bytes_per_step}
+    elements = sum(p.numel() for p in params)
+    bytes_per_step = algo.bytes_per_element * params[0].element_size() * elements
+    base = {"model": model, "algo": algo_name, "dtype": args.dtype, "tensors": len(params),
+            "elements": elements, "bytes_per_step": bytes_per_step,
+            "other_cores_during": case_load.other_cores, "contention_processes": args.contention}
     return [result_row(base, runner, bytes_per_step, args.bandwidth) for runner in runners]
 
 
@@ -305,41 +474,99 @@ def result_row(base: dict, runner: Runner, bytes_per_step: int, bandwidth: dict)
     return row
 
 
+def case_ms(rows: list[dict], model: str, algo: str) -> dict[str, float | None]:
+    return {r["impl"]: r["ms"] for r in rows if (r["model"], r["algo"]) == (model, algo)}
+
+
+def speedup(ms: dict, ours: str, theirs: str = TORCH_FUSED) -> float | None:
+    """theirs' time / ours: >1 means `ours` is faster."""
+    if ms.get(ours) and ms.get(theirs):
+        return ms[theirs] / ms[ours]
+    return None
+
+
 def add_speedups(rows: list[dict]) -> None:
-    """speedup = this impl's time / fusedopt's time (>1: fusedopt is faster)."""
+    """Per row: torch fused's time / this row's time (>1: this row is faster)."""
     for row in rows:
-        same_case = [r for r in rows if (r["model"], r["algo"]) == (row["model"], row["algo"])]
-        for impl, key in [(FUSEDOPT, "fusedopt_speedup"), (FUSEDOPT_FLAT, "fusedopt_flat_speedup")]:
-            ours = next(r["ms"] for r in same_case if r["impl"] == impl)
-            row[key] = row["ms"] / ours if row["ms"] and ours else None
+        ms = case_ms(rows, row["model"], row["algo"])
+        row["speedup_vs_torch_fused"] = speedup(ms, row["impl"])
+
+
+def summary_rows(rows: list[dict], models, algos) -> list[dict]:
+    """The headline: per case, fusedopt's speedup over torch fused, and the other times."""
+    summary = []
+    for model in models:
+        for algo in algos:
+            ms = case_ms(rows, model, algo)
+            summary.append({"model": model, "algo": algo, "ms": ms,
+                            "speedup": speedup(ms, FUSEDOPT),
+                            "flat_speedup": speedup(ms, FUSEDOPT_FLAT)})
+    return summary
 
 
 # --- reporting ---------------------------------------------------------------------
 
-COLUMNS = ["model", "algo", "impl", "ms", "GB/s", "%bw", "extra MiB",
-           "fusedopt x", "flat x", "note"]
+# The README's "Measured" table has exactly these columns (tests/test_bench_cli.py checks).
+SUMMARY_COLUMNS = ["model", "algo", "torch fused ms", "fusedopt ms", "speedup",
+                   "fusedopt, flat grads ms", "speedup", "torch foreach ms", "torch for-loop ms"]
+FULL_COLUMNS = ["model", "algo", "impl", "ms", "GB/s", "%bw", "extra MiB", "vs torch fused", "note"]
 
 
-def table_cells(row: dict) -> list[str]:
-    def fmt(value, spec):
-        return "-" if value is None else format(value, spec)
+def fmt(value, spec: str, suffix: str = "") -> str:
+    return "-" if value is None else format(value, spec) + suffix
+
+
+def summary_cells(row: dict) -> list[str]:
+    ms = row["ms"]
+    return [row["model"], row["algo"], fmt(ms.get(TORCH_FUSED), ".1f"), fmt(ms.get(FUSEDOPT), ".1f"),
+            "**" + fmt(row["speedup"], ".2f", "x") + "**", fmt(ms.get(FUSEDOPT_FLAT), ".1f"),
+            fmt(row["flat_speedup"], ".2f", "x"), fmt(ms.get("torch foreach"), ".1f"),
+            fmt(ms.get("torch for-loop"), ".1f")]
+
+
+def full_cells(row: dict) -> list[str]:
     return [row["model"], row["algo"], row["impl"], fmt(row["ms"], ".3f"), fmt(row["gbps"], ".1f"),
             fmt(row["bw_share_pct"], ".0f"), fmt(row["extra_mib"], ".1f"),
-            fmt(row["fusedopt_speedup"], ".2f"), fmt(row["fusedopt_flat_speedup"], ".2f"),
-            row["note"]]
+            fmt(row["speedup_vs_torch_fused"], ".2f", "x"), row["note"]]
 
 
-def footer_notes(args, machine: dict) -> list[str]:
+def markdown_table(columns: list[str], lines: list[list[str]], numeric: range) -> str:
+    """A markdown table padded to read as plain text too; `numeric` columns right-aligned."""
+    lines = [columns] + lines
+    widths = [max(3, *(len(line[i]) for line in lines)) for i in range(len(columns))]
+    rule = ["-" * (w - 1) + ":" if i in numeric else "-" * w for i, w in enumerate(widths)]
+    text = ["| " + " | ".join(c.rjust(w) if i in numeric else c.ljust(w)
+                              for i, (c, w) in enumerate(zip(line, widths))) + " |"
+            for line in [lines[0], rule] + lines[1:]]
+    return "\n".join(text)
+
+
+def summary_table(summary: list[dict]) -> str:
+    return markdown_table(SUMMARY_COLUMNS, [summary_cells(r) for r in summary], range(2, 9))
+
+
+def full_table(rows: list[dict]) -> str:
+    return markdown_table(FULL_COLUMNS, [full_cells(r) for r in rows], range(3, 8))
+
+
+def footer_notes(args, machine: dict, load: dict) -> list[str]:
     bandwidth = machine["bandwidth"]
     memory = ("torch.cuda.max_memory_allocated during the step minus memory_allocated before it"
               if args.device.type == "cuda" else
               "peak of the running sum of the CPU allocations and frees that torch.profiler "
               "(profile_memory=True) records during one step; allocations outside torch's "
               "CPU allocator are not seen")
+    skipped = [peer.name for peer in TORCH_PEERS if args.device.type not in peer.device_types]
     return [
-        f"ms: median of {args.reps} steps after {args.warmup} warm-up (plus one state-creating "
-        f"first step); implementations interleaved round-robin. dtype {args.dtype}, "
-        f"device {machine['device_name']}.",
+        load["summary"] + ".",
+        f"{machine['device_name']}, {machine['torch_threads']} threads, torch {machine['torch_version']}, "
+        f"fusedopt CPU kernels {machine['cpu_kernels']}, {args.dtype}.",
+        f"ms: median of {args.reps} steps after {args.warmup} warm-up (plus one first step); "
+        "implementations interleaved round-robin, all stepping the same parameters and state."
+        + (f" Not timed on {args.device.type}: {', '.join(skipped)}." if skipped else ""),
+        "speedup: torch fused's ms / fusedopt's (>1: fusedopt is faster). fusedopt reads grads "
+        "as autograd leaves them; flat grads: after zero_grad(set_to_none=False) they are views "
+        "of one buffer.",
         "GB/s: bytes the update must move / ms; per element SGD-momentum 5 accesses "
         "(param r+w, grad r, buf r+w), Adam/AdamW 7 (param r+w, grad r, m r+w, v r+w).",
         f"%bw: share of {bandwidth['reference_gbps']:.1f} GB/s measured in this run, the faster of "
@@ -347,49 +574,64 @@ def footer_notes(args, machine: dict) -> list[str]:
         f"({bandwidth['inplace_scale_gbps']:.1f} GB/s), read+write bytes; a step that keeps "
         "more streams in flight can exceed 100%.",
         f"extra MiB: {memory}.",
-        "fusedopt x / flat x: this row's ms divided by fusedopt's (grads as given) / fusedopt's "
-        "with flat grads (zero_grad(set_to_none=False), then grads copied in); >1 means "
-        "fusedopt is faster.",
     ]
 
 
-def plain_table(rows: list[dict]) -> str:
-    lines = [COLUMNS] + [table_cells(r) for r in rows]
-    widths = [max(len(line[i]) for line in lines) for i in range(len(COLUMNS))]
-    text = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines]
-    text.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(text)
+# Okabe & Ito's colour-blind-safe palette: the two bars a reader compares, torch fused
+# and fusedopt, are orange and blue; the slower torch steps are greys.
+COLOURS = {"torch for-loop": "#bbbbbb", "torch foreach": "#888888", TORCH_FUSED: "#e69f00",
+           "torch compiled": "#cc79a7", FUSEDOPT: "#0072b2", FUSEDOPT_FLAT: "#56b4e9"}
 
 
-def markdown_table(rows: list[dict]) -> str:
-    lines = [COLUMNS, ["---"] * len(COLUMNS)] + [table_cells(r) for r in rows]
-    return "\n".join("| " + " | ".join(line) + " |" for line in lines)
-
-
-def plot(rows: list[dict], models: list[str], algos: list[str], title: str, path: Path) -> None:
+def plot(rows: list[dict], summary: list[dict], title: str, loaded: bool, path: Path) -> None:
+    """Top: fusedopt's speedup over torch fused per case, the headline. Below: each
+    model's step times, one panel per model (own linear axis), every implementation."""
     # Figure without pyplot: renders with Agg and leaves the global backend alone.
     from matplotlib.figure import Figure
 
-    impls = [peer.name for peer in PEERS if any(r["impl"] == peer.name and r["ms"] for r in rows)]
-    metrics = [("ms", "step time (ms, log scale)"), ("bw_share_pct", "% of measured bandwidth")]
-    fig = Figure(figsize=(4.5 * len(algos) + 2, 7), layout="constrained")
-    axes = fig.subplots(len(metrics), len(algos), squeeze=False)
-    width = 0.8 / len(impls)
-    for col, algo in enumerate(algos):
-        for line, (metric, label) in enumerate(metrics):
-            ax = axes[line][col]
-            for k, impl in enumerate(impls):
-                values = [next((r[metric] for r in rows if (r["model"], r["algo"], r["impl"])
-                                == (model, algo, impl) and r[metric]), float("nan"))
-                          for model in models]
-                ax.bar([m + k * width for m in range(len(models))], values, width, label=impl)
-            ax.set_xticks([m + 0.4 - width / 2 for m in range(len(models))], models)
-            ax.set_title(f"{algo}: {label}", fontsize=10)
-            if metric == "ms":
-                ax.set_yscale("log")
-    axes[0][-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    fig.suptitle(title)
-    fig.savefig(path, dpi=110)
+    models = list(dict.fromkeys(r["model"] for r in summary))
+    algos = list(dict.fromkeys(r["algo"] for r in summary))
+    impls = [name for name in IMPLEMENTATIONS if any(r["impl"] == name and r["ms"] for r in rows)]
+    top_height, bottom_height = 0.5 * len(summary) + 1.6, 0.22 * len(impls) * len(algos) + 1.8
+    fig = Figure(figsize=(12, top_height + bottom_height + 0.6), layout="constrained")
+    top, bottom = fig.subfigures(2, 1, height_ratios=[top_height, bottom_height])
+
+    ax = top.subplots()
+    y = list(range(len(summary)))[::-1]  # first case on top
+    height = 0.38
+    for offset, key, name in [(height / 2, "speedup", FUSEDOPT), (-height / 2, "flat_speedup", FUSEDOPT_FLAT)]:
+        values = [r[key] or 0.0 for r in summary]
+        bars = ax.barh([i + offset for i in y], values, height, color=COLOURS[name],
+                       label=f"{name}: torch fused's ms / fusedopt's")
+        ax.bar_label(bars, [fmt(v or None, ".2f", "x") for v in values], padding=3, fontsize=9)
+    ax.axvline(1.0, color="black", linewidth=1.2, label="1x = as fast as torch fused")
+    ax.set_yticks(y, [f"{r['model']}  {r['algo']}" for r in summary])
+    ax.set_xlim(0, max([r[k] or 0 for r in summary for k in ("speedup", "flat_speedup")] + [1]) * 1.12)
+    ax.set_xlabel("speedup over torch.optim's fused=True step (linear; >1: fusedopt is faster)")
+    ax.set_title("How much faster is fusedopt's step here?", fontsize=12, loc="left", weight="bold")
+    top.legend(*ax.get_legend_handles_labels(), loc="outside lower center", ncol=3, fontsize=8,
+               frameon=False)
+
+    axes = bottom.subplots(1, len(models), squeeze=False)[0]
+    height = 0.8 / len(impls)
+    for ax, model in zip(axes, models):
+        longest = 0.0
+        for k, name in enumerate(impls):
+            values = [case_ms(rows, model, algo).get(name) or 0.0 for algo in algos]
+            longest = max([longest, *values])
+            bars = ax.barh([len(algos) - 1 - a + 0.4 - (k + 0.5) * height for a in range(len(algos))],
+                           values, height, color=COLOURS[name], label=name)
+            ax.bar_label(bars, [fmt(v or None, ".1f") for v in values], padding=2, fontsize=7)
+        ax.set_yticks(range(len(algos))[::-1], algos)
+        ax.set_xlim(0, longest * 1.25 or 1)
+        ax.set_xlabel("ms per step (linear)", fontsize=8)
+        ax.set_title(model, fontsize=10)
+    bottom.suptitle("Step time of every implementation (lower is better)", fontsize=11, x=0.01,
+                    ha="left", weight="bold")
+    bottom.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncol=len(impls),
+                  fontsize=8, frameon=False)
+    fig.suptitle(title, fontsize=10, color="#d55e00" if loaded else "black")
+    fig.savefig(path, dpi=100)
 
 
 def cpu_model() -> str:
@@ -410,19 +652,6 @@ def fusedopt_version() -> str:
         return getattr(fusedopt, "__version__", "unknown")
 
 
-def load_average() -> float | None:
-    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-
-
-def warn_if_busy() -> None:
-    # Other processes on the cores skew every peer, and torch's per-tensor parallel
-    # regions (fused steps on CPU) wait on descheduled threads, up to 100x slower.
-    load, cores = load_average(), os.cpu_count() or 1
-    if load is not None and load > 0.5 * cores:
-        print(f"warning: load average {load:.1f} on {cores} cores; other processes will skew "
-              "these timings", file=sys.stderr)
-
-
 def machine_info(device: torch.device, bandwidth: dict) -> dict:
     cuda = device.type == "cuda"
     return {
@@ -430,22 +659,35 @@ def machine_info(device: torch.device, bandwidth: dict) -> dict:
         "python": platform.python_version(),
         "cpu_model": cpu_model(),
         "cpu_count": os.cpu_count(),
-        "load_average_1min": load_average(),
         "torch_threads": torch.get_num_threads(),
         "torch_version": torch.__version__,
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cuda_version": torch.version.cuda,
         "fusedopt_version": fusedopt_version(),
+        "cpu_kernels": f"fusedopt._cpu_{ops.CPU_ISA}",
+        "cuda_kernels_built": ops.HAS_CUDA_KERNELS,
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if cuda else cpu_model(),
         "bandwidth": bandwidth,
     }
 
 
+def plot_title(machine: dict, args, load: dict) -> str:
+    during = load["during"]["other_cores"]
+    others = "unknown" if during is None else f"{during:.2f}"
+    return (f"fusedopt vs torch.optim, {args.dtype}: {machine['device_name']}, {machine['torch_threads']} "
+            f"threads, torch {machine['torch_version']}, fusedopt kernels {ops.CPU_ISA}\n"
+            + {"quiet": f"quiet machine (others kept {others} cores busy while timing)",
+               "contention": f"under contention on purpose: {args.contention} busy process(es) "
+                             f"(others kept {others} cores busy while timing)",
+               "LOADED": f"LOADED MACHINE: others kept {others} cores busy while timing; "
+                         "ratios are not this machine's quiet ones"}[load["verdict"]])
+
+
 # --- command line ------------------------------------------------------------------
 
-QUICK_MODELS = ["gpt2-small", "many-small"]
-# Cloning gpt2-small's 1 GB of params and grads for each implementation dominates a
-# quick run on a small CPU, so it times one algorithm.
+# 25.6M and 6.1M parameters: a quick run stays well under 2 GB.
+QUICK_MODELS = ["resnet50", "many-small"]
 QUICK_ALGOS = ["adamw"]
 
 
@@ -467,9 +709,9 @@ def positive_int(text: str) -> int:
     return int(text)
 
 
-def make_parser() -> argparse.ArgumentParser:
+def make_parser(prog: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m fusedopt.bench",
+        prog=prog,
         description="Time fusedopt's SGD/Adam/AdamW steps against torch.optim's "
                     "for-loop, foreach, fused (and on CUDA torch.compile'd) steps.")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
@@ -483,17 +725,21 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                         help="parameter, grad and state dtype (default: float32)")
     parser.add_argument("--reps", type=positive_int, default=None,
-                        help="timed steps per implementation (default: 20; with --quick: 3)")
+                        help="timed steps per implementation (default: 20; with --quick: 5)")
     parser.add_argument("--quick", action="store_true",
-                        help="a smoke run (under a minute on a 2-core CPU): 3 reps, 1 warm-up, "
+                        help="a smoke run (seconds, under 2 GB): 5 reps, 1 warm-up, "
                              "models and algos as listed above unless given")
+    parser.add_argument("--contention", type=positive_int, default=0, metavar="N",
+                        help="time every case while N processes the benchmark starts keep one "
+                             "core busy each (and stops afterwards): how each implementation "
+                             "holds up under load (default: none)")
     parser.add_argument("--out", type=Path, default=Path("bench-out"),
                         help="folder for results.json, table.md, results.png (default: bench-out)")
     return parser
 
 
-def parse_args(argv) -> argparse.Namespace:
-    parser = make_parser()
+def parse_args(argv, prog: str) -> argparse.Namespace:
+    parser = make_parser(prog)
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available "
@@ -503,47 +749,54 @@ def parse_args(argv) -> argparse.Namespace:
     args.device = torch.device(args.device)
     args.models = args.models or (QUICK_MODELS if args.quick else list(MODELS))
     args.algos = args.algos or (QUICK_ALGOS if args.quick else list(ALGOS))
-    args.reps = args.reps or (3 if args.quick else 20)
+    args.reps = args.reps or (5 if args.quick else 20)
     args.warmup = 1 if args.quick else 3
     return args
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    warn_if_busy()
-    dtype = getattr(torch, args.dtype)
+def main(argv=None, prog: str = "fusedopt-bench") -> int:
+    args = parse_args(argv, prog)
+    cores = os.cpu_count() or 1
+    before = load_before_run()
+    if (before.other_cores or 0) > BUSY_CORES:
+        print(f"warning: other processes keep {before.other_cores:.2f} of {cores} cores busy; "
+              "the results will say so", file=sys.stderr)
     args.bandwidth = measure_bandwidth(args.device, reps=max(args.reps, 5))
     machine = machine_info(args.device, args.bandwidth)
 
     rows = []
+    during = LoadWindow()
     rounds_per_case = 1 + args.warmup + args.reps + 1  # build, warm-up, timed reps, memory
     with tqdm(total=len(args.models) * len(args.algos) * rounds_per_case, unit="round",
               desc="fusedopt.bench") as bar:
         for seed, model in enumerate(args.models):
-            bar.set_postfix_str(f"{model}: random params and grads")
-            ref_params, ref_grads = random_model(MODELS[model](), args.device, dtype, seed)
             for algo in args.algos:
-                rows += run_case(model, algo, ref_params, ref_grads, args.device, args, bar)
-                gc.collect()
-            del ref_params, ref_grads  # before the next model's tensors are made
+                rows += run_case(model, algo, args.device, args, seed, during, bar)
+                gc.collect()  # frees this case's tensors before the next case makes its own
     add_speedups(rows)
+    summary = summary_rows(rows, args.models, args.algos)
+    load = load_verdict(before, during, args.contention, cores)
 
-    notes = footer_notes(args, machine)
-    print(plain_table(rows))
+    notes = footer_notes(args, machine, load)
+    print(summary_table(summary))
     print("\n".join(f"  {note}" for note in notes))
     args.out.mkdir(parents=True, exist_ok=True)
     config = {"device": str(args.device), "models": args.models, "algos": args.algos,
               "dtype": args.dtype, "reps": args.reps, "warmup": args.warmup, "quick": args.quick,
-              "lr": LR}
+              "contention": args.contention, "lr": LR}
     (args.out / "results.json").write_text(json.dumps(
-        {"machine": machine, "config": config, "notes": notes, "results": rows}, indent=2) + "\n")
+        {"load": load, "machine": machine, "config": config, "notes": notes,
+         "summary": summary, "results": rows}, indent=2) + "\n")
     (args.out / "table.md").write_text(
-        markdown_table(rows) + "\n\n" + "\n".join(f"- {note}" for note in notes) + "\n")
-    plot(rows, args.models, args.algos, f"fusedopt.bench: {machine['device_name']}, {args.dtype}",
-         args.out / "results.png")
+        ("**" + load["summary"] + "**\n\n" if load["loaded"] else "")
+        + summary_table(summary) + "\n\n" + "\n".join(f"- {note}" for note in notes)
+        + "\n\nEvery implementation:\n\n" + full_table(rows) + "\n")
+    plot(rows, summary, plot_title(machine, args, load), load["loaded"], args.out / "results.png")
     print(f"wrote {args.out / 'results.json'}, {args.out / 'table.md'}, {args.out / 'results.png'}")
+    if load["loaded"]:
+        print(f"\n*** {load['summary']} ***", file=sys.stderr)
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(main(prog="python -m fusedopt.bench"))

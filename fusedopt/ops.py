@@ -5,10 +5,35 @@ module per x86 ISA level; the best one the running CPU supports is loaded here, 
 same build runs on any x86-64 machine.
 """
 import importlib
+import importlib.util
+import os
 
 import torch
 
-from . import _C  # noqa: F401  (registers the op schemas, and CUDA kernels in CUDA builds)
+
+def _check_build() -> None:
+    """Says why the compiled modules cannot load, before Python's own errors would
+    (an unbuilt tree: "cannot import name '_C' ... circular import"; another torch:
+    "libc10_cuda.so: cannot open shared object file")."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    rebuild = f"pip install --no-build-isolation -e {os.path.dirname(here)}"
+    if importlib.util.find_spec("fusedopt._C") is None:
+        raise ImportError(f"fusedopt: the extension is not built in {here}; was the extension built? "
+                          f"Build it with: {rebuild}")
+    try:
+        from . import _build_info
+    except ImportError:  # built by a setup.py that did not record its torch
+        return
+    if (_build_info.TORCH_VERSION, _build_info.TORCH_CUDA) != (torch.__version__, torch.version.cuda):
+        raise ImportError(
+            f"fusedopt was built against torch {_build_info.TORCH_VERSION} (CUDA "
+            f"{_build_info.TORCH_CUDA}), but torch {torch.__version__} (CUDA {torch.version.cuda}) "
+            f"is installed; its compiled modules only load with the torch they were built with. "
+            f"Rebuild it for this torch ({rebuild}) or install torch=={_build_info.TORCH_VERSION}.")
+
+
+_check_build()
+from . import _C  # noqa: E402, F401  (registers the op schemas, and CUDA kernels in CUDA builds)
 
 # torch's own reading of the CPU (it also honours ATEN_CPU_CAPABILITY).
 _ISA_PREFERENCE = {

@@ -1,9 +1,13 @@
-"""The step-time benchmark's command line: usage errors, and one small real run."""
+"""The step-time benchmark: its command line, the honesty of what it times (every
+implementation steps shared tensors exactly as it would step its own), its load
+measurement, and one small real run."""
 import json
 import math
 import os
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -28,6 +32,7 @@ def usage_error(capsys, argv: list[str]) -> str:
     (["--algos", "lion"], "unknown algo 'lion'; choose from: sgd, adam, adamw"),
     (["--dtype", "float16"], "invalid choice: 'float16'"),
     (["--reps", "0"], "expected a positive integer, got '0'"),
+    (["--contention", "-1"], "expected a positive integer, got '-1'"),
 ])
 def test_bad_argument_names_the_valid_choices(capsys, argv, expected):
     assert expected in usage_error(capsys, argv)
@@ -36,6 +41,15 @@ def test_bad_argument_names_the_valid_choices(capsys, argv, expected):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
 def test_cuda_without_cuda_is_a_usage_error(capsys):
     assert "--device cuda: no CUDA device is available" in usage_error(capsys, ["--device", "cuda"])
+
+
+def test_help_names_the_command_the_user_typed(capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["--help"])  # what the fusedopt-bench console script calls
+    assert capsys.readouterr().out.startswith("usage: fusedopt-bench ")
+    completed = subprocess.run([sys.executable, "-m", "fusedopt.bench", "--help"],
+                               cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert completed.stdout.startswith("usage: python -m fusedopt.bench "), completed.stdout
 
 
 @pytest.mark.parametrize("model, tensors, elements", [
@@ -49,26 +63,151 @@ def test_model_shapes_match_the_real_models(model, tensors, elements):
     assert (len(shapes), sum(math.prod(s) for s in shapes)) == (tensors, elements)
 
 
-def test_quick_run_writes_results(tmp_path):
-    # One thread: this checks outputs, not timings, and on a busy machine torch's fused
-    # CPU step (a parallel region per tensor) crawls when it has two.
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    # The real entry point, as a user runs it.
+# --- what a case times ------------------------------------------------------------
+
+SHAPES = [(16, 8), (8,), (3, 5, 2)]
+
+
+def optimizer_state(opt, params):
+    return [{k: v.clone() for k, v in opt.state[p].items()} for p in params]
+
+
+@pytest.mark.parametrize("algo", list(bench.ALGOS))
+def test_each_implementation_steps_the_shared_tensors_as_it_would_its_own(algo):
+    """The runners share params, grads and state; each step must be the update that
+    implementation makes on private copies (so the shared tensors carry its real work)."""
+    params, runners = bench.build_case(SHAPES, bench.ALGOS[algo], torch.device("cpu"),
+                                       torch.float32, seed=0)
+    assert [r.name for r in runners] == ["torch for-loop", "torch foreach", "torch fused",
+                                         "fusedopt", "fusedopt (flat grads)"]
+    fused_opt = runners[-1].step.__self__
+    for runner in runners:
+        assert runner.note == "" and runner.step is not None, runner.note
+        # What torch.optim (for-loop) makes of the same values on copies of its own.
+        ref_params = [p.detach().clone() for p in params]
+        ref = bench.ALGOS[algo].torch_cls(ref_params, foreach=False, **bench.ALGOS[algo].kwargs)
+        for rp, p, g in zip(ref_params, params, runner.grads):
+            rp.grad = g.clone()
+            ref.state[rp] = {k: v.clone() for k, v in fused_opt.state[p].items()}
+        ref.step()
+
+        bench.seat_grads(params, runner.grads)
+        runner.step()
+        for i, (p, rp) in enumerate(zip(params, ref_params)):
+            torch.testing.assert_close(p, rp, msg=lambda m: f"{runner.name}, param {i}: {m}")
+        assert_states_close(optimizer_state(fused_opt, params), optimizer_state(ref, ref_params),
+                            runner.name)
+
+
+def assert_states_close(actual, expected, what):
+    for i, (a, e) in enumerate(zip(actual, expected)):
+        assert a.keys() == e.keys()
+        for key in a:
+            torch.testing.assert_close(a[key], e[key], msg=lambda m: f"{what}, state {i} {key}: {m}")
+
+
+def test_flat_grads_runner_reads_the_flat_buffer_and_the_others_separate_tensors():
+    params, runners = bench.build_case(SHAPES, bench.ALGOS["adamw"], torch.device("cpu"),
+                                       torch.float32, seed=0)
+    by_name = {r.name: r for r in runners}
+    flat, given = by_name["fusedopt (flat grads)"].grads, by_name["fusedopt"].grads
+    assert len({g.untyped_storage().data_ptr() for g in flat}) == 1
+    # Same values, other tensor objects: fusedopt reads these through its per-tensor table.
+    assert all(a is not b and torch.equal(a, b) for a, b in zip(given, flat))
+    assert all(by_name[name].grads is given for name in ["torch for-loop", "torch foreach", "torch fused"])
+
+
+# --- machine load -----------------------------------------------------------------
+
+def window(other_cores: float, seconds: float = 2.0) -> bench.LoadWindow:
+    return bench.LoadWindow(seconds, other_cores * seconds, 0.0)
+
+
+def test_load_window_counts_other_processes_cpu_not_ours():
+    start = bench.CpuSample(wall=10.0, busy=100.0, steal=1.0, own=5.0)
+    # 2 s of wall time: the machine was busy 3.5 CPU-s, 1.5 of them ours.
+    end = bench.CpuSample(wall=12.0, busy=103.5, steal=1.2, own=6.5)
+    measured = bench.LoadWindow()
+    measured.add(start, end)
+    assert measured.other_cores == pytest.approx(1.0)
+    assert measured.steal_cores == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("before, during, contention, verdict", [
+    (0.05, 0.10, 0, "quiet"),
+    (0.05, 0.90, 0, "LOADED"),   # load arrived during the run
+    (0.90, 0.10, 0, "LOADED"),
+    (0.05, 1.50, 1, "contention"),  # the load we made on purpose is not a warning
+    (0.90, 1.50, 1, "LOADED"),
+])
+def test_a_loaded_run_says_so(before, during, contention, verdict):
+    load = bench.load_verdict(window(before), window(during), contention, cores=2)
+    assert load["verdict"] == verdict
+    assert load["loaded"] == (verdict == "LOADED")
+    assert load["summary"].startswith("LOADED MACHINE") == (verdict == "LOADED")
+    assert f"{during:.2f}" in load["summary"]
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+@pytest.mark.skipif(not Path("/proc/stat").exists(), reason="reads /proc")
+def test_contention_processes_spin_while_asked_and_are_gone_after():
+    measured = bench.LoadWindow()
+    with bench.busy_processes(2) as pids, bench.measuring(measured):
+        assert len(pids) == 2
+        time.sleep(0.5)
+        assert all(cpu_seconds(pid) > 0 for pid in pids)  # spinning, not just started
+    assert all(not Path(f"/proc/{pid}").exists() for pid in pids)
+    assert measured.other_cores > 0  # the meter sees them as other processes' load
+
+
+# --- a real run -------------------------------------------------------------------
+
+def readme_table_header() -> list[str]:
+    readme = (REPO / "README.md").read_text()
+    header = next(line for line in readme.splitlines() if line.startswith("| model | algo |"))
+    return [cell.strip() for cell in header.strip("|").split("|")]
+
+
+def test_readme_table_has_the_printed_tables_layout():
+    assert readme_table_header() == bench.SUMMARY_COLUMNS
+
+
+def test_quick_run_under_contention_writes_results(tmp_path):
+    # The real entry point, as a user runs it, with one busy process the bench starts.
     completed = subprocess.run(
-        [sys.executable, "-m", "fusedopt.bench", "--quick", "--device", "cpu",
+        [sys.executable, "-m", "fusedopt.bench", "--quick", "--device", "cpu", "--contention", "1",
          "--models", "many-small", "--algos", "adam", "--reps", "3", "--out", str(tmp_path)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        cwd=REPO, capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr
-    assert "fusedopt (flat grads)" in completed.stdout  # the table was printed
+
+    printed_header = completed.stdout.splitlines()[0]
+    assert [c.strip() for c in printed_header.strip("|").split("|")] == bench.SUMMARY_COLUMNS
+    assert re.search(r"\| many-small \| adam .*\*\*\d+\.\d\dx\*\*", completed.stdout)
 
     results = json.loads((tmp_path / "results.json").read_text())
+    assert list(results)[0] == "load"  # first thing a reader of the file sees
+    load = results["load"]
+    assert load["contention_processes"] == 1 and load["verdict"] in ("contention", "LOADED")
+    assert load["during"]["seconds"] > 0 and load["before"]["seconds"] > 0
+    assert results["machine"]["cpu_kernels"].startswith("fusedopt._cpu_")
     assert results["machine"]["bandwidth"]["reference_gbps"] > 0
+
     rows = {row["impl"]: row for row in results["results"]}
-    for impl in ["torch for-loop", "torch foreach", "fusedopt", "fusedopt (flat grads)"]:
-        assert rows[impl]["ms"] > 0 and len(rows[impl]["times_ms"]) == 3, rows[impl]
-        assert rows[impl]["model"] == "many-small" and rows[impl]["algo"] == "adam"
-    assert rows["fusedopt"]["fusedopt_speedup"] == pytest.approx(1.0)
+    assert set(rows) == {"torch for-loop", "torch foreach", "torch fused", "fusedopt",
+                         "fusedopt (flat grads)"}  # nothing listed that was not timed
+    for row in rows.values():
+        assert row["ms"] > 0 and len(row["times_ms"]) == 3, row
+        assert row["contention_processes"] == 1
+    assert rows["torch fused"]["speedup_vs_torch_fused"] == pytest.approx(1.0)
+    (summary,) = results["summary"]
+    assert summary["speedup"] == pytest.approx(rows["torch fused"]["ms"] / rows["fusedopt"]["ms"])
 
     png = (tmp_path / "results.png").read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 1000
-    assert "| fusedopt |" in (tmp_path / "table.md").read_text()
+    table = (tmp_path / "table.md").read_text()
+    assert "contention on purpose: 1 busy process" in table or "LOADED MACHINE" in table
+    assert "| fusedopt (flat grads) |" in table  # the full table follows the summary
