@@ -245,9 +245,15 @@ def timed(step: Step, device: torch.device) -> float:
 
 
 def time_round_robin(runners: list[Runner], params, device, warmup: int, reps: int,
-                     bar: tqdm) -> None:
+                     budget_s: float | None, bar: tqdm) -> None:
+    """warmup + reps rounds, each stepping every runner once; with a budget, rounds stop
+    once the case has spent budget_s seconds and has MIN_REPS timed rounds."""
     live = [r for r in runners if r.step is not None]
+    start = time.perf_counter()
     for rep in range(warmup + reps):
+        if budget_s is not None and rep >= warmup + MIN_REPS and time.perf_counter() - start > budget_s:
+            bar.update(warmup + reps - rep)
+            return
         # Rotate the order each rep so no peer always runs right after the same one.
         shift = rep % max(1, len(live))
         for runner in live[shift:] + live[:shift]:
@@ -445,7 +451,7 @@ def run_case(model, algo_name, device, args, seed, during: LoadWindow, bar) -> l
     bar.set_postfix_str(f"{model} {algo_name}: timing")
     case_load = LoadWindow()
     with busy_processes(args.contention), measuring(case_load):
-        time_round_robin(runners, params, device, args.warmup, args.reps, bar)
+        time_round_robin(runners, params, device, args.warmup, args.reps, args.case_budget_s, bar)
     during.merge(case_load)
     bar.set_postfix_str(f"{model} {algo_name}: memory")
     for runner in runners:
@@ -549,7 +555,15 @@ def full_table(rows: list[dict]) -> str:
     return markdown_table(FULL_COLUMNS, [full_cells(r) for r in rows], range(3, 8))
 
 
-def footer_notes(args, machine: dict, load: dict) -> list[str]:
+def reps_text(rows: list[dict], args) -> str:
+    done = sorted({len(r["times_ms"]) for r in rows if r["times_ms"]})
+    if len(done) <= 1:
+        return str(done[0] if done else args.reps)
+    return (f"{done[0]} to {done[-1]} (a case stops timing after {args.case_budget_s:.0f} s "
+            f"once it has {MIN_REPS})")
+
+
+def footer_notes(args, machine: dict, load: dict, rows: list[dict]) -> list[str]:
     bandwidth = machine["bandwidth"]
     memory = ("torch.cuda.max_memory_allocated during the step minus memory_allocated before it"
               if args.device.type == "cuda" else
@@ -561,7 +575,7 @@ def footer_notes(args, machine: dict, load: dict) -> list[str]:
         load["summary"] + ".",
         f"{machine['device_name']}, {machine['torch_threads']} threads, torch {machine['torch_version']}, "
         f"fusedopt CPU kernels {machine['cpu_kernels']}, {args.dtype}.",
-        f"ms: median of {args.reps} steps after {args.warmup} warm-up (plus one first step); "
+        f"ms: median of {reps_text(rows, args)} steps after {args.warmup} warm-up (plus one first step); "
         "implementations interleaved round-robin, all stepping the same parameters and state."
         + (f" Not timed on {args.device.type}: {', '.join(skipped)}." if skipped else ""),
         "speedup: torch fused's ms / fusedopt's (>1: fusedopt is faster). fusedopt reads grads "
@@ -686,6 +700,12 @@ def plot_title(machine: dict, args, load: dict) -> str:
 
 # --- command line ------------------------------------------------------------------
 
+# Without --reps, a case stops timing after this long once it has MIN_REPS steps: a quiet
+# 2-core machine times 20 steps of every case within it, and a loaded one (where torch's
+# steps crawl) still finishes the default run in minutes.
+CASE_BUDGET_S = 15.0
+MIN_REPS = 5
+
 # 25.6M and 6.1M parameters: a quick run stays well under 2 GB.
 QUICK_MODELS = ["resnet50", "many-small"]
 QUICK_ALGOS = ["adamw"]
@@ -725,7 +745,8 @@ def make_parser(prog: str) -> argparse.ArgumentParser:
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                         help="parameter, grad and state dtype (default: float32)")
     parser.add_argument("--reps", type=positive_int, default=None,
-                        help="timed steps per implementation (default: 20; with --quick: 5)")
+                        help=f"timed steps per implementation (default: 20, fewer (down to {MIN_REPS}) "
+                             f"where a case passes {CASE_BUDGET_S:.0f} s; with --quick: 5)")
     parser.add_argument("--quick", action="store_true",
                         help="a smoke run (seconds, under 2 GB): 5 reps, 1 warm-up, "
                              "models and algos as listed above unless given")
@@ -749,6 +770,7 @@ def parse_args(argv, prog: str) -> argparse.Namespace:
     args.device = torch.device(args.device)
     args.models = args.models or (QUICK_MODELS if args.quick else list(MODELS))
     args.algos = args.algos or (QUICK_ALGOS if args.quick else list(ALGOS))
+    args.case_budget_s = None if args.reps else CASE_BUDGET_S
     args.reps = args.reps or (5 if args.quick else 20)
     args.warmup = 1 if args.quick else 3
     return args
@@ -777,12 +799,13 @@ def main(argv=None, prog: str = "fusedopt-bench") -> int:
     summary = summary_rows(rows, args.models, args.algos)
     load = load_verdict(before, during, args.contention, cores)
 
-    notes = footer_notes(args, machine, load)
+    notes = footer_notes(args, machine, load, rows)
     print(summary_table(summary))
     print("\n".join(f"  {note}" for note in notes))
     args.out.mkdir(parents=True, exist_ok=True)
     config = {"device": str(args.device), "models": args.models, "algos": args.algos,
-              "dtype": args.dtype, "reps": args.reps, "warmup": args.warmup, "quick": args.quick,
+              "dtype": args.dtype, "reps": args.reps, "case_budget_s": args.case_budget_s,
+              "warmup": args.warmup, "quick": args.quick,
               "contention": args.contention, "lr": LR}
     (args.out / "results.json").write_text(json.dumps(
         {"load": load, "machine": machine, "config": config, "notes": notes,

@@ -1,6 +1,7 @@
 """The step-time benchmark: its command line, the honesty of what it times (every
 implementation steps shared tensors exactly as it would step its own), its load
 measurement, and one small real run."""
+import io
 import json
 import math
 import os
@@ -115,6 +116,16 @@ def test_flat_grads_runner_reads_the_flat_buffer_and_the_others_separate_tensors
     # Same values, other tensor objects: fusedopt reads these through its per-tensor table.
     assert all(a is not b and torch.equal(a, b) for a, b in zip(given, flat))
     assert all(by_name[name].grads is given for name in ["torch for-loop", "torch foreach", "torch fused"])
+
+
+@pytest.mark.parametrize("budget_s, timed_reps", [(None, 12), (0.0, bench.MIN_REPS)])
+def test_a_case_past_its_time_budget_stops_at_the_minimum_reps(budget_s, timed_reps):
+    runners = [bench.Runner(name, step=lambda: None) for name in ("torch fused", "fusedopt")]
+    with bench.tqdm(total=2 + 12, file=io.StringIO()) as bar:
+        bench.time_round_robin(runners, [], torch.device("cpu"), warmup=2, reps=12,
+                               budget_s=budget_s, bar=bar)
+        assert bar.n == 14  # the progress bar still reaches the end
+    assert [len(r.times) for r in runners] == [timed_reps, timed_reps]
 
 
 # --- machine load -----------------------------------------------------------------
