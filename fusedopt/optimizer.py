@@ -230,16 +230,22 @@ class FusedOptimizer(Optimizer):
             part.params.append(p)
             part.views.append(buf.views[row])
             part.synced.append(synced.get(p))
-            if p not in synced and not self.state.get(p):
-                # A slot that comes back without its record (its group was deleted, then
-                # the parameter re-added): torch.optim starts such a parameter afresh.
-                buf.step[row] = 0
-                for flat in buf.state.values():
-                    buf.view_of(flat, row).zero_()
+            if p not in synced:
+                self._reset_if_stateless(buf, row)
         keys = self._group_state_keys(group)
         for part in parts.values():
             part.keys = keys
         return GroupPlan(params, list(parts.values()), lazy)
+
+    def _reset_if_stateless(self, buf: FlatBuffer, row: int) -> None:
+        """A row whose record of optimizer.state was dropped (its group deleted and the
+        parameter re-added, or the group's state keys changed): with no state in
+        optimizer.state, torch.optim starts the parameter afresh, so its slots are reset."""
+        if self.state.get(buf.params[row]):
+            return  # the per-step check adopts it
+        buf.step[row] = 0
+        for flat in buf.state.values():
+            buf.view_of(flat, row).zero_()
 
     def _current_plans(self) -> list[GroupPlan]:
         """A plan per param group, following edits of ``param_groups`` (parameters
@@ -283,6 +289,8 @@ class FusedOptimizer(Optimizer):
                 for part in plan.parts:
                     if with_state and part.keys != keys:  # e.g. amsgrad or momentum switched on
                         part.keys, part.synced, part.complete = keys, [None] * len(part.rows), False
+                        for row in part.rows:
+                            self._reset_if_stateless(part.buf, row)
                     saved_keys = part.keys
                     part.keys = part.keys if with_state else ()
                     try:

@@ -249,6 +249,18 @@ class Differential(RuleBasedStateMachine):
             opt.param_groups[gi][key] = value
         self.apply(op)
 
+    @precondition(lambda self: self.ALGO == "SGD")
+    @rule(data=st.data())
+    def toggle_momentum(self, data):
+        """SGD momentum 0 <-> nonzero (torch keeps or starts momentum buffers accordingly);
+        more often than set_hyperparameter alone would draw it."""
+        gi = data.draw(st.integers(0, len(self.ref.param_groups) - 1), label="group")
+        value = 0.9 if self.ref.param_groups[gi]["momentum"] == 0 else 0.0
+
+        def op(opt, params):
+            opt.param_groups[gi]["momentum"] = value
+        self.apply(op)
+
     @rule(data=st.data(), spec=st.sampled_from(PARAM_SPECS), use_orphan=st.booleans())
     def append_param(self, data, spec, use_orphan):
         """group["params"].append(p) with a new param or an orphan (never one already in a
