@@ -262,16 +262,17 @@ class FusedOptimizer(Optimizer):
         self._plans = plans
         return plans
 
-    def _check_part(self, part: Part) -> tuple:
+    def _check_part(self, part: Part, keys: tuple[str, ...]) -> tuple:
+        """_C.sync_check of the part; ``keys``: the state keys to check (none: skip state)."""
         if isinstance(part.buf, InPlaceBuffer):
-            return self._check_dtensor_part(part)
-        return _C.sync_check(part.params, part.views, part.grad_slots(), self.state, part.keys, part.synced)
+            return self._check_dtensor_part(part, keys)
+        return _C.sync_check(part.params, part.views, part.grad_slots(), self.state, keys, part.synced)
 
-    def _check_dtensor_part(self, part: Part) -> tuple:
+    def _check_dtensor_part(self, part: Part, keys: tuple[str, ...]) -> tuple:
         (p,) = part.params
         if p.to_local().data_ptr() != part.buf.data.data_ptr():
             return 0, None, None, None, False, -1  # the engine replaced the shard
-        dirty = [] if not part.keys or state_in_sync(self.state.get(p), part.synced[0], part.keys) else [0]
+        dirty = [] if not keys or state_in_sync(self.state.get(p), part.synced[0], keys) else [0]
         if p.grad is None:
             return -1, dirty, [], [], False, -1
         bad = 0 if p.grad.layout != torch.strided or p.grad.dtype != p.dtype else -1
@@ -291,12 +292,7 @@ class FusedOptimizer(Optimizer):
                         part.keys, part.synced, part.complete = keys, [None] * len(part.rows), False
                         for row in part.rows:
                             self._reset_if_stateless(part.buf, row)
-                    saved_keys = part.keys
-                    part.keys = part.keys if with_state else ()
-                    try:
-                        stale, dirty, rows, grads, flat, bad = self._check_part(part)
-                    finally:
-                        part.keys = saved_keys
+                    stale, dirty, rows, grads, flat, bad = self._check_part(part, keys)
                     if stale >= 0:
                         break
                     rows = range(len(part.rows)) if rows is None else rows
@@ -338,12 +334,10 @@ class FusedOptimizer(Optimizer):
             value = entry.get(key)
             if value is None:
                 continue
-            if key == "step":
-                if torch.is_tensor(value) and value.numel() != 1:
-                    raise RuntimeError(f"fusedopt: state['step'] must hold one number, got shape "
-                                       f"{tuple(value.shape)}")
-            elif not torch.is_tensor(value) or value.shape != p.shape:
-                shape = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
+            shape = _misfit_shape(p, key, value)
+            if shape is not None and key == "step":
+                raise RuntimeError(f"fusedopt: state['step'] must hold one number, got shape {shape}")
+            if shape is not None:
                 raise RuntimeError(f"fusedopt: state['{key}'] of shape {shape} does not match its "
                                    f"parameter of shape {tuple(p.shape)}")
             values[key] = value
@@ -437,12 +431,11 @@ class FusedOptimizer(Optimizer):
             for key, value in entry.items():
                 if key not in self._state_keys or value is None:
                     continue
-                if key == "step":
-                    if torch.is_tensor(value) and value.numel() != 1:
-                        raise ValueError(f"loaded state dict has a 'step' of shape {tuple(value.shape)} "
-                                         f"for parameter {index}; expected a scalar")
-                elif not torch.is_tensor(value) or value.shape != p.shape:
-                    shape = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
+                shape = _misfit_shape(p, key, value)
+                if shape is not None and key == "step":
+                    raise ValueError(f"loaded state dict has a 'step' of shape {shape} "
+                                     f"for parameter {index}; expected a scalar")
+                if shape is not None:
                     raise ValueError(f"loaded state dict has '{key}' of shape {shape} for parameter "
                                      f"{index} of shape {tuple(p.shape)}")
 
@@ -615,6 +608,16 @@ def _is_exactly(value: torch.Tensor, view: torch.Tensor) -> bool:
     if is_dtensor(value) or is_dtensor(view):
         return False
     return same_place(value, view)
+
+
+def _misfit_shape(p: torch.Tensor, key: str, value: Any) -> tuple | str | None:
+    """None when ``value`` fits state key ``key`` of parameter ``p`` (a step: one number;
+    else a tensor of p's shape); otherwise its shape (or type name) for the error."""
+    if key == "step":
+        return tuple(value.shape) if torch.is_tensor(value) and value.numel() != 1 else None
+    if torch.is_tensor(value):
+        return None if value.shape == p.shape else tuple(value.shape)
+    return type(value).__name__
 
 
 def _synced(entry: dict, keys: tuple[str, ...], views: list[torch.Tensor]) -> tuple:
