@@ -399,7 +399,8 @@ def load_verdict(before: LoadWindow, during: LoadWindow, contention: int, cores:
     else:
         summary = f"machine load: {measured}"
     if loaded:
-        summary = (f"LOADED MACHINE: {measured}. Under load torch's fused CPU step waits on "
+        besides = f" (besides the {contention} busy process(es) started on purpose)" if contention else ""
+        summary = (f"LOADED MACHINE{besides}: {measured}. Under load torch's fused CPU step waits on "
                    "descheduled threads, so these ratios are not this machine's quiet ones; "
                    "rerun when it is quiet" + (", or measure load on purpose with --contention N"
                                                if not contention else ""))
