@@ -559,8 +559,8 @@ def full_table(rows: list[dict]) -> str:
 def reps_text(rows: list[dict], args) -> str:
     done = sorted({len(r["times_ms"]) for r in rows if r["times_ms"]})
     if len(done) <= 1:
-        return str(done[0] if done else args.reps)
-    return (f"{done[0]} to {done[-1]} (a case stops timing after {args.case_budget_s:.0f} s "
+        return f"{done[0] if done else args.reps} steps"
+    return (f"{done[0]} to {done[-1]} steps (a case stops timing after {args.case_budget_s:.0f} s "
             f"once it has {MIN_REPS})")
 
 
@@ -576,7 +576,7 @@ def footer_notes(args, machine: dict, load: dict, rows: list[dict]) -> list[str]
         load["summary"] + ".",
         f"{machine['device_name']}, {machine['torch_threads']} threads, torch {machine['torch_version']}, "
         f"fusedopt CPU kernels {machine['cpu_kernels']}, {args.dtype}.",
-        f"ms: median of {reps_text(rows, args)} steps after {args.warmup} warm-up (plus one first step); "
+        f"ms: median of {reps_text(rows, args)} after {args.warmup} warm-up (plus one first step); "
         "implementations interleaved round-robin, all stepping the same parameters and state."
         + (f" Not timed on {args.device.type}: {', '.join(skipped)}." if skipped else ""),
         "speedup: torch fused's ms / fusedopt's (>1: fusedopt is faster). fusedopt reads grads "
