@@ -399,7 +399,8 @@ def load_verdict(before: LoadWindow, during: LoadWindow, contention: int, cores:
     else:
         summary = f"machine load: {measured}"
     if loaded:
-        summary = (f"LOADED MACHINE: {measured}. Under load torch's fused CPU step waits on "
+        besides = f" (besides the {contention} busy process(es) started on purpose)" if contention else ""
+        summary = (f"LOADED MACHINE{besides}: {measured}. Under load torch's fused CPU step waits on "
                    "descheduled threads, so these ratios are not this machine's quiet ones; "
                    "rerun when it is quiet" + (", or measure load on purpose with --contention N"
                                                if not contention else ""))
@@ -558,8 +559,8 @@ def full_table(rows: list[dict]) -> str:
 def reps_text(rows: list[dict], args) -> str:
     done = sorted({len(r["times_ms"]) for r in rows if r["times_ms"]})
     if len(done) <= 1:
-        return str(done[0] if done else args.reps)
-    return (f"{done[0]} to {done[-1]} (a case stops timing after {args.case_budget_s:.0f} s "
+        return f"{done[0] if done else args.reps} steps"
+    return (f"{done[0]} to {done[-1]} steps (a case stops timing after {args.case_budget_s:.0f} s "
             f"once it has {MIN_REPS})")
 
 
@@ -575,7 +576,7 @@ def footer_notes(args, machine: dict, load: dict, rows: list[dict]) -> list[str]
         load["summary"] + ".",
         f"{machine['device_name']}, {machine['torch_threads']} threads, torch {machine['torch_version']}, "
         f"fusedopt CPU kernels {machine['cpu_kernels']}, {args.dtype}.",
-        f"ms: median of {reps_text(rows, args)} steps after {args.warmup} warm-up (plus one first step); "
+        f"ms: median of {reps_text(rows, args)} after {args.warmup} warm-up (plus one first step); "
         "implementations interleaved round-robin, all stepping the same parameters and state."
         + (f" Not timed on {args.device.type}: {', '.join(skipped)}." if skipped else ""),
         "speedup: torch fused's ms / fusedopt's (>1: fusedopt is faster). fusedopt reads grads "
@@ -623,6 +624,9 @@ def plot(rows: list[dict], summary: list[dict], title: str, loaded: bool, path: 
     ax.set_xlim(0, max([r[k] or 0 for r in summary for k in ("speedup", "flat_speedup")] + [1]) * 1.12)
     ax.set_xlabel("speedup over torch.optim's fused=True step (linear; >1: fusedopt is faster)")
     ax.set_title("How much faster is fusedopt's step here?", fontsize=12, loc="left", weight="bold")
+    if loaded:
+        ax.text(0.5, 0.5, "LOADED MACHINE", transform=ax.transAxes, ha="center", va="center",
+                fontsize=44, weight="bold", color="#d55e00", alpha=0.3)
     top.legend(*ax.get_legend_handles_labels(), loc="outside lower center", ncol=3, fontsize=8,
                frameon=False)
 
@@ -701,9 +705,9 @@ def plot_title(machine: dict, args, load: dict) -> str:
 # --- command line ------------------------------------------------------------------
 
 # Without --reps, a case stops timing after this long once it has MIN_REPS steps: a quiet
-# 2-core machine times 20 steps of every case within it, and a loaded one (where torch's
-# steps crawl) still finishes the default run in minutes.
-CASE_BUDGET_S = 15.0
+# 2-core machine times 13 to 20 steps of each case within it, and a loaded one (where
+# torch's steps crawl) still finishes the default run in minutes.
+CASE_BUDGET_S = 10.0
 MIN_REPS = 5
 
 # 25.6M and 6.1M parameters: a quick run stays well under 2 GB.
