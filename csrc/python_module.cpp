@@ -18,8 +18,9 @@ PyObject* state_entry(PyObject* state, PyObject* p) {
 #endif
 }
 
+// const_data_ptr: the address without data_ptr()'s copy-on-write materialisation.
 bool same_place(const at::Tensor& a, const at::Tensor& b) {
-  return a.data_ptr() == b.data_ptr() && a.sizes() == b.sizes() && a.strides() == b.strides() &&
+  return a.const_data_ptr() == b.const_data_ptr() && a.sizes() == b.sizes() && a.strides() == b.strides() &&
          a.scalar_type() == b.scalar_type() && a.device() == b.device();
 }
 
@@ -33,7 +34,7 @@ bool state_in_sync(PyObject* entry, PyObject* synced, PyObject* keys) {
   for (Py_ssize_t k = 0; k < num_keys; ++k) {
     PyObject* view = PyTuple_GET_ITEM(synced, 1 + 2 * k);
     if (PyDict_GetItemWithError(entry, PyTuple_GET_ITEM(keys, k)) != view) return false;
-    const auto address = reinterpret_cast<uintptr_t>(THPVariable_Unpack(view).data_ptr());
+    const auto address = reinterpret_cast<uintptr_t>(THPVariable_Unpack(view).const_data_ptr());
     if (address != PyLong_AsSize_t(PyTuple_GET_ITEM(synced, 2 + 2 * k))) return false;
   }
   return true;
@@ -75,23 +76,29 @@ PyObject* sync_check(PyObject* /*module*/, PyObject* args) {
     if (!same_place(THPVariable_Unpack(p), THPVariable_Unpack(PyList_GET_ITEM(views, i))))
       return Py_BuildValue("(nOOOOn)", i, Py_None, Py_None, Py_None, Py_False, Py_ssize_t(-1));
   }
+  // rows is only built once a row without a grad shows up (the common step has them all).
   PyObject* dirty = PyList_New(0);
-  PyObject* grads = PyList_New(0);
-  PyObject* rows = PyList_New(0);
-  if (dirty == nullptr || grads == nullptr || rows == nullptr) {
+  PyObject* grads = PyList_New(n);
+  PyObject* rows = nullptr;
+  if (dirty == nullptr || grads == nullptr) {
     Py_XDECREF(dirty);
     Py_XDECREF(grads);
-    Py_XDECREF(rows);
     return nullptr;
   }
   auto fail = [&]() -> PyObject* {
     Py_DECREF(dirty);
     Py_DECREF(grads);
-    Py_DECREF(rows);
+    Py_XDECREF(rows);
     return nullptr;
   };
-  bool all_present = true, flat = have_slots;
-  Py_ssize_t bad = -1;
+  auto append_index = [](PyObject* list, Py_ssize_t i) {
+    PyObject* index = PyLong_FromSsize_t(i);
+    const bool failed = index == nullptr || PyList_Append(list, index) != 0;
+    Py_XDECREF(index);
+    return !failed;
+  };
+  bool flat = have_slots;
+  Py_ssize_t bad = -1, num_grads = 0;
   const bool check_state = PyTuple_GET_SIZE(keys) > 0;
   for (Py_ssize_t i = 0; i < n; ++i) {
     PyObject* p = PyList_GET_ITEM(params, i);
@@ -100,17 +107,16 @@ PyObject* sync_check(PyObject* /*module*/, PyObject* args) {
       if (entry == nullptr && PyErr_Occurred()) return fail();
       const bool in_sync = state_in_sync(entry, PyList_GET_ITEM(synced, i), keys);
       if (PyErr_Occurred()) return fail();
-      if (!in_sync) {
-        PyObject* index = PyLong_FromSsize_t(i);
-        const bool failed = index == nullptr || PyList_Append(dirty, index) != 0;
-        Py_XDECREF(index);
-        if (failed) return fail();
-      }
+      if (!in_sync && !append_index(dirty, i)) return fail();
     }
     const at::Tensor& tensor = THPVariable_Unpack(p);
     const at::Tensor& grad = tensor.grad();
     if (!grad.defined()) {
-      all_present = false;
+      if (rows == nullptr) {
+        if ((rows = PyList_New(0)) == nullptr) return fail();
+        for (Py_ssize_t j = 0; j < i; ++j)
+          if (!append_index(rows, j)) return fail();
+      }
       continue;
     }
     if (bad < 0 && (grad.layout() != at::kStrided || grad.scalar_type() != tensor.scalar_type() ||
@@ -118,21 +124,16 @@ PyObject* sync_check(PyObject* /*module*/, PyObject* args) {
       bad = i;
     if (flat) {
       const auto slot = PyLong_AsSize_t(PyList_GET_ITEM(grad_slots, i));
-      flat = grad.layout() == at::kStrided && reinterpret_cast<uintptr_t>(grad.data_ptr()) == slot &&
-             grad.strides() == tensor.strides();
+      flat = grad.layout() == at::kStrided &&
+             reinterpret_cast<uintptr_t>(grad.const_data_ptr()) == slot && grad.strides() == tensor.strides();
     }
     PyObject* grad_object = THPVariable_Wrap(grad);  // the grad's own Python object
-    PyObject* index = PyLong_FromSsize_t(i);
-    const bool failed = grad_object == nullptr || index == nullptr || PyList_Append(grads, grad_object) != 0 ||
-                        PyList_Append(rows, index) != 0;
-    Py_XDECREF(grad_object);
-    Py_XDECREF(index);
-    if (failed) return fail();
+    if (grad_object == nullptr) return fail();
+    PyList_SET_ITEM(grads, num_grads++, grad_object);
+    if (rows != nullptr && !append_index(rows, i)) return fail();
   }
-  if (all_present) {
-    Py_DECREF(rows);
-    rows = Py_NewRef(Py_None);
-  }
+  if (num_grads < n && PyList_SetSlice(grads, num_grads, n, nullptr) != 0) return fail();
+  if (rows == nullptr) rows = Py_NewRef(Py_None);
   return Py_BuildValue("(nNNNOn)", Py_ssize_t(-1), dirty, rows, grads, flat ? Py_True : Py_False, bad);
 }
 

@@ -225,7 +225,7 @@ class ShardedOptimizer(FusedOptimizer):
         for c in self._collect_work():
             buf = c.part.buf
             rank_slice = self._slice_of[buf]
-            rows = [c.part.rows[j] for j in c.rows]
+            rows = c.buffer_rows()
             owned, owned_grads = rank_slice.take(rows, buf.kernel_grads(rows, c.grads, c.flat))
             if owned:
                 self._update_buffer(c.group, rank_slice, rank_slice.segments(owned), owned_grads,
@@ -233,7 +233,7 @@ class ShardedOptimizer(FusedOptimizer):
                 if not skipped:
                     self._ensure_slice_state(rank_slice, owned, self._group_state_keys(c.group))
             if not skipped:
-                torch.autograd.graph.increment_version([c.part.params[j] for j in c.rows])
+                torch.autograd.graph.increment_version(c.updated_params())
         self._all_gather_slices()
         if zero_grad:
             self.zero_grad(set_to_none=False)

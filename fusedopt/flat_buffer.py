@@ -177,6 +177,8 @@ class FlatBuffer:
         if flat:
             return [self.grad_buffer]
         perms = self.grad_perms
+        if not any(perms):  # every slot row-major: the grads as they are
+            return grads
         return [g if perms[i] is None else g.permute(perms[i]) for i, g in zip(rows, grads)]
 
     def zero_grads(self, rows: list[int]) -> list[torch.Tensor]:

@@ -105,6 +105,16 @@ class CheckedPart:
     grads: list[torch.Tensor]
     flat: bool                 # every grad lies in the flat grad buffer
 
+    def buffer_rows(self) -> list[int]:
+        """The buffer rows that have a grad."""
+        part = self.part
+        return part.rows if len(self.rows) == len(part.rows) else [part.rows[j] for j in self.rows]
+
+    def updated_params(self) -> list[torch.Tensor]:
+        """The parameters that have a grad."""
+        part = self.part
+        return part.params if len(self.rows) == len(part.rows) else [part.params[j] for j in self.rows]
+
 
 class FusedOptimizer(Optimizer):
     """torch.optim's public objects (``param_groups``, ``state``, each parameter's data
@@ -510,7 +520,7 @@ class FusedOptimizer(Optimizer):
 
     def _run(self, c: CheckedPart, transform: GradTransform, skipped: bool) -> None:
         buf = c.part.buf
-        rows = [c.part.rows[j] for j in c.rows]
+        rows = c.buffer_rows()
         buf.before_kernel()
         self._update_buffer(c.group, buf, buf.segments(rows), buf.kernel_grads(rows, c.grads, c.flat),
                             transform.on(buf.device))
@@ -520,7 +530,7 @@ class FusedOptimizer(Optimizer):
             return
         buf.after_kernel()
         # The update is an in-place write to each parameter: autograd must see it.
-        torch.autograd.graph.increment_version([c.part.params[j] for j in c.rows])
+        torch.autograd.graph.increment_version(c.updated_params())
         self._ensure_state(c.part, c.rows)
 
     def _group_state_keys(self, group) -> tuple[str, ...]:
@@ -555,7 +565,7 @@ class FusedOptimizer(Optimizer):
             return torch.tensor(0.0)
         norms = []
         for c in work:
-            rows = [c.part.rows[j] for j in c.rows]
+            rows = c.buffer_rows()
             norms.append(ops.grad_norm(c.part.buf.kernel_grads(rows, c.grads, c.flat), c.part.buf.segments(rows),
                                        norm_type))
         device = norms[0].device
