@@ -5,6 +5,12 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(fusedopt, m) {
+  // `scheduled`: the hyperparameters schedulers change, as one float tensor that
+  // replaces the floats when given: Adam [lr, beta1, beta2], SGD [lr, momentum]. Read
+  // on the device, it never syncs a CUDA step, and under torch.compile it is a graph
+  // value (a float argument is a constant that dynamo guards on: one recompile per
+  // value).
+  //
   // Adam and AdamW over one flat buffer. amsgrad iff max_exp_avg_sq is given;
   // `step` holds one float32 counter per parameter (torch.optim's state["step"]).
   // On found_inf != 0 no param, state or step is written (with zero_grads the grads
@@ -14,14 +20,14 @@ TORCH_LIBRARY(fusedopt, m) {
   m.def(
       "adam_step_(Tensor(a!) param, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, "
       "Tensor(d!)? max_exp_avg_sq, Tensor(e!) step, Tensor(f!)[] grads, Tensor segments, "
-      "float lr, Tensor? lr_tensor, float beta1, float beta2, float weight_decay, float eps, "
+      "float lr, Tensor? scheduled, float beta1, float beta2, float weight_decay, float eps, "
       "bool decoupled_weight_decay, bool maximize, Tensor? grad_scale, Tensor? found_inf, "
       "Tensor? grad_multiplier, bool zero_grads) -> ()");
   // SGD over one flat buffer. Momentum iff momentum_buffer is given; `step` counts
   // each parameter's steps with momentum, so a first one (step == 0) starts the buffer.
   m.def(
       "sgd_step_(Tensor(a!) param, Tensor(b!)? momentum_buffer, Tensor(c!) step, "
-      "Tensor(d!)[] grads, Tensor segments, float lr, Tensor? lr_tensor, float momentum, "
+      "Tensor(d!)[] grads, Tensor segments, float lr, Tensor? scheduled, float momentum, "
       "float dampening, float weight_decay, bool nesterov, bool maximize, "
       "Tensor? grad_scale, Tensor? found_inf, Tensor? grad_multiplier, bool zero_grads) -> ()");
   // The norm_type-norm of all grads named by `segments` (same grads contract as the

@@ -62,13 +62,15 @@ class Adam(FusedOptimizer):
         # In the order torch.optim's step reads them: the first one missing is its KeyError.
         return (*keys[1:], "step")
 
+    def _scheduled_values(self, group):
+        return (group["lr"], *group["betas"])
+
     def _update_buffer(self, group, buf, segments, grads, transform):
-        lr, lr_tensor = self._lr_arguments(group["lr"], buf.device)
-        beta1, beta2 = group["betas"]
+        (lr, beta1, beta2), scheduled = self._scheduled_arguments(group, buf.device)
         ops.adam_step_(
             buf.data, buf.state_buffer("exp_avg"), buf.state_buffer("exp_avg_sq"),
             buf.state_buffer("max_exp_avg_sq") if group["amsgrad"] else None, buf.step, grads, segments,
-            lr, lr_tensor, hyperparameter(beta1), hyperparameter(beta2),
+            lr, scheduled, beta1, beta2,
             hyperparameter(group["weight_decay"]), group["eps"], group["decoupled_weight_decay"],
             group["maximize"], transform.grad_scale, transform.found_inf, transform.grad_multiplier,
             transform.zero_grads)

@@ -140,6 +140,7 @@ class FusedOptimizer(Optimizer):
         self._slots: dict[torch.Tensor, tuple[FlatBuffer, int]] = {}
         # Clip coefficient from clip_grad_norm_, applied inside the next step's kernel.
         self._pending_grad_multiplier: torch.Tensor | None = None
+        self._have_grad_buffers = False  # a flat grad buffer exists (zero_grad(set_to_none=False))
         super().__init__(params, defaults)
 
     def __getstate__(self) -> dict[str, Any]:
@@ -158,6 +159,7 @@ class FusedOptimizer(Optimizer):
         self.__dict__.setdefault("_plans", [])
         self.__dict__.setdefault("_slots", {})
         self.__dict__.setdefault("_pending_grad_multiplier", None)
+        self.__dict__.setdefault("_have_grad_buffers", False)
 
     # --- param groups -----------------------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -459,6 +461,7 @@ class FusedOptimizer(Optimizer):
             self._sync_state(self._checked_parts(check_grads=False))
 
     # --- grads ------------------------------------------------------------------------
+    @torch._disable_dynamo  # as torch.optim's: always eager, also inside a compiled function
     @torch.no_grad()
     def zero_grad(self, set_to_none: bool = True) -> None:
         """As torch.optim. With ``set_to_none=False`` grads nothing else sees become views
@@ -469,9 +472,12 @@ class FusedOptimizer(Optimizer):
             for group in self.param_groups:
                 for p in group["params"]:
                     p.grad = None
-            for buf, _ in self._slots.values():
-                buf.release_grad_buffer()
+            if self._have_grad_buffers:
+                for buf, _ in self._slots.values():
+                    buf.release_grad_buffer()
+                self._have_grad_buffers = False
             return
+        self._have_grad_buffers = True
         zeroed = []
         for c in self._checked_parts(with_state=False):
             zeroed.extend(c.part.buf.zero_grads(c.part.rows))
@@ -487,13 +493,24 @@ class FusedOptimizer(Optimizer):
         self._sync_state(checked)
         return [c for c in checked if c.rows]
 
-    @staticmethod
-    def _lr_arguments(lr, device: torch.device):
-        """(lr as float, lr as tensor or None): a tensor lr is read by the kernel on the
-        device, so a CUDA step never waits for the host."""
-        if isinstance(lr, torch.Tensor):
-            return 0.0, lr.to(device=device, dtype=torch.float64, non_blocking=True).reshape(())
-        return float(lr), None
+    def _scheduled_arguments(self, group: dict[str, Any], device: torch.device):
+        """The hyperparameters schedulers change (``_scheduled_values``) as the ops take
+        them (ops.cpp): (floats, None), or (zeros, one float64 tensor on the device) when
+        any is a tensor (the kernel reads it there: a CUDA step never waits for the host)
+        or under torch.compile, where a float argument of an op is a constant that dynamo
+        guards on (one recompile per lr) but a float in tensor arithmetic is a graph input."""
+        values = self._scheduled_values(group)
+        tensors = [isinstance(v, torch.Tensor) for v in values]
+        if not torch.compiler.is_compiling() and not any(tensors):
+            return tuple(map(float, values)), None
+        zero = torch.zeros((), dtype=torch.float64, device=device)
+        scheduled = torch.stack([v.to(device=device, dtype=torch.float64, non_blocking=True).reshape(())
+                                 if is_tensor else zero + v for v, is_tensor in zip(values, tensors)])
+        return (0.0,) * len(values), scheduled
+
+    def _scheduled_values(self, group: dict[str, Any]) -> tuple:
+        """The values of ops.cpp's ``scheduled`` for this group, in the op's order."""
+        raise NotImplementedError
 
     # --- step -------------------------------------------------------------------------
     @torch.no_grad()
@@ -507,6 +524,9 @@ class FusedOptimizer(Optimizer):
                 loss = closure()
         transform = GradTransform(getattr(self, "grad_scale", None), getattr(self, "found_inf", None),
                                   self._pending_grad_multiplier, zero_grad)
+        if torch.compiler.is_compiling():
+            self._traced_step(transform)
+            return loss
         work = self._collect_work()
         self._pending_grad_multiplier = None
         # A step GradScaler skips creates no state, as with torch.optim. Only a CPU
@@ -532,6 +552,52 @@ class FusedOptimizer(Optimizer):
         # The update is an in-place write to each parameter: autograd must see it.
         torch.autograd.graph.increment_version(c.updated_params())
         self._ensure_state(c.part, c.rows)
+
+    # --- step under torch.compile ------------------------------------------------------
+    def _traced_step(self, transform: GradTransform) -> None:
+        """step() as dynamo traces it: one fusedopt op per part, nothing else. The
+        bookkeeping is _init_group's, which dynamo runs eagerly while tracing (as for
+        torch.optim's own optimizers) and then guards on: every parameter's address and
+        grad, every optimizer.state entry and tensor, the param groups. When any of them
+        changes the step recompiles, and the new trace re-synchronises the cache: the
+        compiled step follows the public objects as the eager one does."""
+        self._pending_grad_multiplier = None
+        for index, group in enumerate(self.param_groups):
+            guarded: list[torch.Tensor] = []
+            layout = self._init_group(group, guarded)
+            for t in guarded:  # realised, so that dynamo installs its guards
+                t.shape
+            for k, positions in layout:
+                part = self._plans[index].parts[k]
+                buf = part.buf
+                rows = [part.rows[j] for j in positions]
+                grads = [part.params[j].grad for j in positions]
+                buf.before_kernel()
+                self._update_buffer(group, buf, buf.segments(rows), buf.kernel_grads(rows, grads, False),
+                                    transform.on(buf.device))
+                buf.after_kernel()
+
+    def _init_group(self, group: dict[str, Any],
+                    guarded: list[torch.Tensor]) -> tuple[tuple[int, tuple[int, ...]], ...]:
+        """The eager half of a traced step (see _traced_step): for the first group, the
+        whole per-step check and re-synchronisation, before any graph runs, and the state
+        torch.optim creates at a first step. Appends to ``guarded`` the parameters with
+        grads and their state tensors (dynamo guards on the identity of what this returns
+        in a list: replacing one recompiles). Returns, per part of ``group`` with grads,
+        (its index in the group's plan, the positions of its rows with grads)."""
+        if group is self.param_groups[0]:
+            work = self._collect_work()
+            for c in work:
+                self._ensure_state(c.part, c.rows)
+                c.part.buf.segments(c.buffer_rows())  # cached now, not made inside the graph
+            self._traced_work = work
+        index = next(i for i, g in enumerate(self.param_groups) if g is group)
+        work = [c for c in self._traced_work if c.group is group]
+        for c in work:
+            for p in c.updated_params():
+                guarded.append(p)
+                guarded.extend(v for v in self.state.get(p, {}).values() if torch.is_tensor(v))
+        return tuple((self._plans[index].parts.index(c.part), tuple(c.rows)) for c in work)
 
     def _group_state_keys(self, group) -> tuple[str, ...]:
         raise NotImplementedError

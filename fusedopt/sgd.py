@@ -53,12 +53,15 @@ class SGD(FusedOptimizer):
     def _group_state_keys(self, group):
         return self._state_keys if hyperparameter(group["momentum"]) != 0 else ()
 
+    def _scheduled_values(self, group):
+        return (group["lr"], group["momentum"])
+
     def _update_buffer(self, group, buf, segments, grads, transform):
-        momentum = hyperparameter(group["momentum"])
-        lr, lr_tensor = self._lr_arguments(group["lr"], buf.device)
+        has_momentum = bool(self._group_state_keys(group))
+        (lr, momentum), scheduled = self._scheduled_arguments(group, buf.device)
         ops.sgd_step_(
-            buf.data, buf.state_buffer("momentum_buffer") if momentum != 0 else None, buf.step, grads,
-            segments, lr, lr_tensor, momentum, hyperparameter(group["dampening"]),
+            buf.data, buf.state_buffer("momentum_buffer") if has_momentum else None, buf.step, grads,
+            segments, lr, scheduled, momentum, hyperparameter(group["dampening"]),
             hyperparameter(group["weight_decay"]), group["nesterov"], group["maximize"],
             transform.grad_scale, transform.found_inf, transform.grad_multiplier, transform.zero_grads)
 

@@ -19,6 +19,7 @@
 #include <c10/util/SmallVector.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -153,17 +154,20 @@ void for_each_contiguous_grad_block(const GradSource<scalar_t>& src, int64_t beg
   }
 }
 
-struct StepControl {
-  bool skip;  // found_inf was set: leave everything untouched
-  double lr;
-};
+// found_inf was set: leave everything untouched.
+bool skip_step(const std::optional<at::Tensor>& found_inf) {
+  return found_inf.has_value() && found_inf->item<double>() != 0.0;
+}
 
-StepControl step_control(double lr, const std::optional<at::Tensor>& lr_tensor,
-                         const std::optional<at::Tensor>& found_inf) {
-  StepControl control{false, lr};
-  if (found_inf.has_value() && found_inf->item<double>() != 0.0) control.skip = true;
-  if (lr_tensor.has_value()) control.lr = lr_tensor->item<double>();
-  return control;
+// The scheduled hyperparameters (ops.cpp): the floats, or the values of `scheduled`.
+template <size_t N>
+std::array<double, N> scheduled_values(std::array<double, N> values, const std::optional<at::Tensor>& scheduled) {
+  if (!scheduled.has_value()) return values;
+  TORCH_CHECK(scheduled->numel() == static_cast<int64_t>(N), "fusedopt: scheduled must hold ", N,
+              " values, got ", scheduled->numel());
+  const at::Tensor host = scheduled->to(at::kCPU, at::kDouble).contiguous();
+  for (size_t i = 0; i < N; ++i) values[i] = host.const_data_ptr<double>()[i];
+  return values;
 }
 
 template <typename opmath_t>
@@ -349,7 +353,7 @@ void advance_steps(at::Tensor& step, const int64_t* seg, int64_t num_segments) {
 
 void adam_step_cpu(at::Tensor& param, at::Tensor& exp_avg, at::Tensor& exp_avg_sq,
                    const std::optional<at::Tensor>& max_exp_avg_sq, at::Tensor& step, at::TensorList grads,
-                   const at::Tensor& segments, double lr, const std::optional<at::Tensor>& lr_tensor,
+                   const at::Tensor& segments, double lr, const std::optional<at::Tensor>& scheduled,
                    double beta1, double beta2, double weight_decay, double eps, bool decoupled_weight_decay,
                    bool maximize, const std::optional<at::Tensor>& grad_scale,
                    const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& grad_multiplier,
@@ -359,8 +363,8 @@ void adam_step_cpu(at::Tensor& param, at::Tensor& exp_avg, at::Tensor& exp_avg_s
   check_flat(exp_avg_sq, param, "exp_avg_sq");
   const bool amsgrad = max_exp_avg_sq.has_value();
   if (amsgrad) check_flat(*max_exp_avg_sq, param, "max_exp_avg_sq");
-  const StepControl control = step_control(lr, lr_tensor, found_inf);
-  if (control.skip) {
+  const std::array<double, 3> hyper = scheduled_values<3>({lr, beta1, beta2}, scheduled);  // lr, beta1, beta2
+  if (skip_step(found_inf)) {
     zero_grads_of_skipped_step(grads, zero_grads);
     return;
   }
@@ -374,7 +378,7 @@ void adam_step_cpu(at::Tensor& param, at::Tensor& exp_avg, at::Tensor& exp_avg_s
       adam_kernel<scalar_t, decltype(amsgrad_tag)::value>(
           param.data_ptr<scalar_t>(), exp_avg.data_ptr<scalar_t>(), exp_avg_sq.data_ptr<scalar_t>(),
           amsgrad ? max_exp_avg_sq->data_ptr<scalar_t>() : nullptr, step.data_ptr<float>(), grads,
-          flat_grads, seg, items, control.lr, beta1, beta2, weight_decay, eps, decoupled_weight_decay,
+          flat_grads, seg, items, hyper[0], hyper[1], hyper[2], weight_decay, eps, decoupled_weight_decay,
           maximize, optional_scalar<opmath_t>(grad_scale), optional_scalar<opmath_t>(grad_multiplier),
           zero_grads);
     };
@@ -385,15 +389,15 @@ void adam_step_cpu(at::Tensor& param, at::Tensor& exp_avg, at::Tensor& exp_avg_s
 
 void sgd_step_cpu(at::Tensor& param, const std::optional<at::Tensor>& momentum_buffer, at::Tensor& step,
                   at::TensorList grads, const at::Tensor& segments, double lr,
-                  const std::optional<at::Tensor>& lr_tensor, double momentum, double dampening,
+                  const std::optional<at::Tensor>& scheduled, double momentum, double dampening,
                   double weight_decay, bool nesterov, bool maximize, const std::optional<at::Tensor>& grad_scale,
                   const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& grad_multiplier,
                   bool zero_grads) {
   const bool flat_grads = check_segments_and_grads(param, step, grads, segments);
   const bool has_momentum = momentum_buffer.has_value();
   if (has_momentum) check_flat(*momentum_buffer, param, "momentum_buffer");
-  const StepControl control = step_control(lr, lr_tensor, found_inf);
-  if (control.skip) {
+  const std::array<double, 2> hyper = scheduled_values<2>({lr, momentum}, scheduled);  // lr, momentum
+  if (skip_step(found_inf)) {
     zero_grads_of_skipped_step(grads, zero_grads);
     return;
   }
@@ -412,7 +416,7 @@ void sgd_step_cpu(at::Tensor& param, const std::optional<at::Tensor>& momentum_b
     auto run = [&](auto momentum_tag, auto nesterov_tag) {
       sgd_kernel<scalar_t, decltype(momentum_tag)::value, decltype(nesterov_tag)::value>(
           param.data_ptr<scalar_t>(), has_momentum ? momentum_buffer->data_ptr<scalar_t>() : nullptr,
-          first_step, grads, flat_grads, seg, items, control.lr, momentum, dampening, weight_decay,
+          first_step, grads, flat_grads, seg, items, hyper[0], hyper[1], dampening, weight_decay,
           maximize, optional_scalar<opmath_t>(grad_scale), optional_scalar<opmath_t>(grad_multiplier),
           zero_grads);
     };

@@ -3,7 +3,7 @@
 //
 // A step is two launches on the current stream:
 //   1. a prepare kernel, one thread per row, that advances the row's step counter and
-//      writes the row's coefficients (bias corrections, lr from lr_tensor, SGD's
+//      writes the row's coefficients (bias corrections, the scheduled lr and betas, SGD's
 //      first-step flag) to a scratch table;
 //   2. the update kernel, whose warps read the coefficients of the rows they own.
 // [note: why a prepare kernel] Every block needs the step of its rows before or after
@@ -105,17 +105,24 @@ struct AdamHyper {
   bool decoupled_weight_decay;
 };
 
+// The `scheduled` tensor's values (ops.cpp), read on the device: Adam lr, beta1,
+// beta2; SGD lr, momentum. Absent: the floats.
+struct Scheduled {
+  ScalarArg value[3];
+};
+
 template <typename opmath_t>
 __global__ void __launch_bounds__(kThreadsPerBlock)
 adam_prepare_kernel(const int64_t* __restrict__ segments, int64_t num_segments, float* __restrict__ step,
-                    AdamHyper hyper, ScalarArg lr_tensor, ScalarArg found_inf,
+                    AdamHyper hyper, Scheduled scheduled, ScalarArg found_inf,
                     AdamCoefficients<opmath_t>* __restrict__ coefficients) {
   const int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (r >= num_segments || found_inf.is_set()) return;
   float& counter = step[segments[r * kSegmentColumns + kParamIndex]];
   counter += 1.0f;  // in float32, as torch.optim's step tensor
-  coefficients[r] = adam_coefficients<opmath_t>(lr_tensor.value_or(hyper.lr), hyper.beta1, hyper.beta2,
-                                                hyper.weight_decay, hyper.eps,
+  coefficients[r] = adam_coefficients<opmath_t>(scheduled.value[0].value_or(hyper.lr),
+                                                scheduled.value[1].value_or(hyper.beta1),
+                                                scheduled.value[2].value_or(hyper.beta2), hyper.weight_decay, hyper.eps,
                                                 hyper.decoupled_weight_decay, static_cast<double>(counter));
 }
 
@@ -174,16 +181,17 @@ struct SgdHyper {
 template <typename opmath_t>
 __global__ void __launch_bounds__(kThreadsPerBlock)
 sgd_prepare_kernel(const int64_t* __restrict__ segments, int64_t num_segments, float* __restrict__ step,
-                   SgdHyper hyper, ScalarArg lr_tensor, ScalarArg found_inf,
+                   SgdHyper hyper, Scheduled scheduled, ScalarArg found_inf,
                    SgdRowCoefficients<opmath_t>* __restrict__ coefficients) {
   const int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (r >= num_segments || found_inf.is_set()) return;
   float& counter = step[segments[r * kSegmentColumns + kParamIndex]];
-  coefficients[r] = {sgd_coefficients<opmath_t>(lr_tensor.value_or(hyper.lr), hyper.momentum,
+  const double momentum = scheduled.value[1].value_or(hyper.momentum);
+  coefficients[r] = {sgd_coefficients<opmath_t>(scheduled.value[0].value_or(hyper.lr), momentum,
                                                 hyper.dampening, hyper.weight_decay),
                      counter == 0.0f};
   // The counter records a started momentum buffer: a step without momentum starts none.
-  if (hyper.momentum != 0.0) counter += 1.0f;
+  if (momentum != 0.0) counter += 1.0f;
 }
 
 template <typename scalar_t>
@@ -373,17 +381,25 @@ void check_param_step_segments(const at::Tensor& param, const at::Tensor& step, 
 // the plan for reading the grads.
 struct StepInputs {
   std::vector<at::Tensor> keep_alive;
-  ScalarArg found_inf, lr, grad_scale, grad_multiplier;
+  ScalarArg found_inf, grad_scale, grad_multiplier;
+  Scheduled scheduled;
   GradsPlan plan;
 };
 
 StepInputs step_inputs(const at::Tensor& param, at::TensorList grads, const at::Tensor& segments,
-                       const std::optional<at::Tensor>& lr_tensor, const std::optional<at::Tensor>& grad_scale,
+                       const std::optional<at::Tensor>& scheduled, int64_t num_scheduled,
+                       const std::optional<at::Tensor>& grad_scale,
                        const std::optional<at::Tensor>& found_inf,
                        const std::optional<at::Tensor>& grad_multiplier, bool zero_grads) {
   StepInputs inputs;
   inputs.found_inf = scalar_arg(found_inf, param.device(), "found_inf", inputs.keep_alive);
-  inputs.lr = scalar_arg(lr_tensor, param.device(), "lr_tensor", inputs.keep_alive);
+  if (scheduled.has_value()) {
+    TORCH_CHECK(scheduled->numel() == num_scheduled, "fusedopt: scheduled must hold ", num_scheduled,
+                " values, got ", scheduled->numel());
+    for (int64_t i = 0; i < num_scheduled; ++i)
+      inputs.scheduled.value[i] = scalar_arg(scheduled->reshape({-1})[i], param.device(), "scheduled",
+                                             inputs.keep_alive);
+  }
   inputs.grad_scale = scalar_arg(grad_scale, param.device(), "grad_scale", inputs.keep_alive);
   inputs.grad_multiplier = scalar_arg(grad_multiplier, param.device(), "grad_multiplier", inputs.keep_alive);
   inputs.plan = plan_grads(grads, segments, param.numel(), zero_grads);
@@ -392,7 +408,7 @@ StepInputs step_inputs(const at::Tensor& param, at::TensorList grads, const at::
 
 void adam_step_cuda(at::Tensor& param, at::Tensor& exp_avg, at::Tensor& exp_avg_sq,
                     const std::optional<at::Tensor>& max_exp_avg_sq, at::Tensor& step, at::TensorList grads,
-                    const at::Tensor& segments, double lr, const std::optional<at::Tensor>& lr_tensor,
+                    const at::Tensor& segments, double lr, const std::optional<at::Tensor>& scheduled,
                     double beta1, double beta2, double weight_decay, double eps, bool decoupled_weight_decay,
                     bool maximize, const std::optional<at::Tensor>& grad_scale,
                     const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& grad_multiplier,
@@ -406,8 +422,8 @@ void adam_step_cuda(at::Tensor& param, at::Tensor& exp_avg, at::Tensor& exp_avg_
   const int64_t num_segments = segments.size(0);
   if (num_segments == 0) return;
 
-  StepInputs inputs = step_inputs(param, grads, segments, lr_tensor, grad_scale, found_inf, grad_multiplier,
-                                  zero_grads);
+  StepInputs inputs = step_inputs(param, grads, segments, scheduled, 3, grad_scale, found_inf,
+                                  grad_multiplier, zero_grads);
   GradsPlan& plan = inputs.plan;  // shape_launch sizes the walk to the grid
   const auto stream = at::cuda::getCurrentCUDAStream();
 
@@ -419,7 +435,7 @@ void adam_step_cuda(at::Tensor& param, at::Tensor& exp_avg, at::Tensor& exp_avg_
     auto* coefficients_ptr = reinterpret_cast<AdamCoefficients<opmath_t>*>(coefficients.data_ptr());
     adam_prepare_kernel<opmath_t><<<prepare_blocks(num_segments), kThreadsPerBlock, 0, stream>>>(
         plan.walk.segments, num_segments, step.data_ptr<float>(),
-        AdamHyper{lr, beta1, beta2, weight_decay, eps, decoupled_weight_decay}, inputs.lr, inputs.found_inf,
+        AdamHyper{lr, beta1, beta2, weight_decay, eps, decoupled_weight_decay}, inputs.scheduled, inputs.found_inf,
         coefficients_ptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     if (plan.walk.space == 0) return;
@@ -442,7 +458,7 @@ void adam_step_cuda(at::Tensor& param, at::Tensor& exp_avg, at::Tensor& exp_avg_
 
 void sgd_step_cuda(at::Tensor& param, const std::optional<at::Tensor>& momentum_buffer, at::Tensor& step,
                    at::TensorList grads, const at::Tensor& segments, double lr,
-                   const std::optional<at::Tensor>& lr_tensor, double momentum, double dampening,
+                   const std::optional<at::Tensor>& scheduled, double momentum, double dampening,
                    double weight_decay, bool nesterov, bool maximize, const std::optional<at::Tensor>& grad_scale,
                    const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& grad_multiplier,
                    bool zero_grads) {
@@ -453,8 +469,8 @@ void sgd_step_cuda(at::Tensor& param, const std::optional<at::Tensor>& momentum_
   const int64_t num_segments = segments.size(0);
   if (num_segments == 0) return;
 
-  StepInputs inputs = step_inputs(param, grads, segments, lr_tensor, grad_scale, found_inf, grad_multiplier,
-                                  zero_grads);
+  StepInputs inputs = step_inputs(param, grads, segments, scheduled, 2, grad_scale, found_inf,
+                                  grad_multiplier, zero_grads);
   GradsPlan& plan = inputs.plan;  // shape_launch sizes the walk to the grid
   const auto stream = at::cuda::getCurrentCUDAStream();
 
@@ -466,7 +482,7 @@ void sgd_step_cuda(at::Tensor& param, const std::optional<at::Tensor>& momentum_
     auto* coefficients_ptr = reinterpret_cast<SgdRowCoefficients<opmath_t>*>(coefficients.data_ptr());
     sgd_prepare_kernel<opmath_t><<<prepare_blocks(num_segments), kThreadsPerBlock, 0, stream>>>(
         plan.walk.segments, num_segments, step.data_ptr<float>(),
-        SgdHyper{lr, momentum, dampening, weight_decay}, inputs.lr, inputs.found_inf, coefficients_ptr);
+        SgdHyper{lr, momentum, dampening, weight_decay}, inputs.scheduled, inputs.found_inf, coefficients_ptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     if (plan.walk.space == 0) return;
     scalar_t* buffer_ptr = has_momentum ? momentum_buffer->data_ptr<scalar_t>() : nullptr;

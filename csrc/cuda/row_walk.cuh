@@ -38,7 +38,7 @@ constexpr int64_t kRowPad = 32;
 //   [...]                 shapes of strided grads: ndim, sizes[ndim], strides[ndim]
 constexpr int64_t kRowWords = 3;
 
-// A 0-dim/1-element tensor argument (grad_scale, found_inf, lr_tensor), read by the
+// A 0-dim/1-element tensor argument (grad_scale, found_inf, a scheduled value), read by the
 // kernel on the device, or passed by value when the caller gave a CPU tensor.
 struct ScalarArg {
   enum Kind : int32_t { kAbsent, kHostValue, kDeviceFloat, kDeviceDouble };
