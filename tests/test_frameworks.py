@@ -107,10 +107,13 @@ def lightning_module(make_optimizer):
             torch.manual_seed(0)
             self.net = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 4))
             self.grad_norms = []  # before clipping, as Lightning shows them to this hook
+            self.losses = []
 
         def training_step(self, batch, batch_idx):
             x, y = batch
-            return torch.nn.functional.mse_loss(self.net(x).float(), y)
+            loss = torch.nn.functional.mse_loss(self.net(x).float(), y)
+            self.losses.append(loss.detach())
+            return loss
 
         def on_before_optimizer_step(self, optimizer):
             self.grad_norms.append(torch.nn.utils.get_total_norm([p.grad for p in self.parameters()]))
@@ -169,6 +172,7 @@ def optimizer_steps_taken(opt):
 def assert_same_fit(torch_module, fused_module, torch_trainer, fused_trainer):
     torch_opt, fused_opt = torch_trainer.optimizers[0], fused_trainer.optimizers[0]
     assert optimizer_steps_taken(fused_opt) == optimizer_steps_taken(torch_opt)
+    torch.testing.assert_close(torch.stack(fused_module.losses), torch.stack(torch_module.losses), rtol=1e-5, atol=0)
     for fused, reference in zip(fused_module.parameters(), torch_module.parameters()):
         torch.testing.assert_close(fused, reference, rtol=1e-5, atol=1e-6)
 
