@@ -197,6 +197,17 @@ def test_lightning_fit_with_gradient_clipping_matches_torch_adamw(tmp_path, prec
     assert_same_fit(torch_module, fused_module, torch_trainer, fused_trainer)
 
 
+def test_lightning_16_mixed_without_clipping_needs_no_plugin_and_matches_torch_adamw(tmp_path):
+    """Lightning's own 16-mixed plugin, no clipping: GradScaler.step drives fusedopt's
+    kernel (which unscales, and skips the overflowing steps) as it drives torch.optim."""
+    torch_module, torch_trainer = lightning_fit(torch.optim.AdamW, tmp_path / "torch",
+                                                **torch_precision("16-mixed", overflowing_scaler()))
+    fused_module, fused_trainer = lightning_fit(fusedopt.AdamW, tmp_path / "fused",
+                                                **torch_precision("16-mixed", overflowing_scaler()))
+    assert max(optimizer_steps_taken(fused_trainer.optimizers[0])) < fused_trainer.global_step  # some skipped
+    assert_same_fit(torch_module, fused_module, torch_trainer, fused_trainer)
+
+
 def test_lightning_clipping_by_value_under_16_mixed_matches_torch_adamw(tmp_path):
     torch_module, torch_trainer = lightning_fit(
         torch.optim.AdamW, tmp_path / "torch", gradient_clip_val=0.05, gradient_clip_algorithm="value",
