@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from typing import Union
 
+from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.plugins.precision import MixedPrecision as LightningMixedPrecision
 from lightning.pytorch.utilities import GradClipAlgorithmType
 from torch.amp.grad_scaler import OptState
@@ -41,6 +42,10 @@ class MixedPrecision(LightningMixedPrecision):
 
     def clip_gradients(self, optimizer: Optimizer, clip_val: Union[int, float] = 0.0,
                        gradient_clip_algorithm: GradClipAlgorithmType = GradClipAlgorithmType.NORM) -> None:
+        # Manual optimization's self.optimizers() is a wrapper that passes isinstance
+        # checks but does not hold the optimizer's state: clip the optimizer itself.
+        if isinstance(optimizer, LightningOptimizer):
+            optimizer = optimizer.optimizer
         if not isinstance(optimizer, FusedOptimizer):
             return super().clip_gradients(optimizer, clip_val, gradient_clip_algorithm)
         if clip_val <= 0:

@@ -98,7 +98,9 @@ def lightning():
     return pytest.importorskip("lightning")
 
 
-def lightning_module(make_optimizer):
+def lightning_module(make_optimizer, manual_clip=None):
+    """With ``manual_clip``: manual optimization that clips by norm through
+    ``self.clip_gradients`` (Lightning hands the precision plugin its optimizer wrapper)."""
     L = lightning()
 
     class Regression(L.LightningModule):
@@ -108,15 +110,25 @@ def lightning_module(make_optimizer):
             self.net = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 4))
             self.grad_norms = []  # before clipping, as Lightning shows them to this hook
             self.losses = []
+            self.automatic_optimization = manual_clip is None
 
         def training_step(self, batch, batch_idx):
             x, y = batch
             loss = torch.nn.functional.mse_loss(self.net(x).float(), y)
             self.losses.append(loss.detach())
-            return loss
+            if manual_clip is None:
+                return loss
+            opt = self.optimizers()
+            opt.zero_grad()
+            self.manual_backward(loss)
+            self.grad_norms.append(torch.nn.utils.get_total_norm([p.grad for p in self.parameters()]))
+            self.clip_gradients(opt, gradient_clip_val=manual_clip, gradient_clip_algorithm="norm")
+            opt.step()
+            self.lr_schedulers().step()
 
         def on_before_optimizer_step(self, optimizer):
-            self.grad_norms.append(torch.nn.utils.get_total_norm([p.grad for p in self.parameters()]))
+            if self.automatic_optimization:
+                self.grad_norms.append(torch.nn.utils.get_total_norm([p.grad for p in self.parameters()]))
 
         def configure_optimizers(self):
             opt = make_optimizer(self.parameters(), lr=1e-2, weight_decay=0.1)
@@ -131,9 +143,10 @@ def regression_data():
     return TensorDataset(torch.randn(64, 16, generator=g), 10 * torch.randn(64, 4, generator=g))
 
 
-def lightning_fit(make_optimizer, root, *, epochs=3, ckpt_path=None, checkpoint_every_epoch=False, **trainer_kwargs):
+def lightning_fit(make_optimizer, root, *, epochs=3, ckpt_path=None, checkpoint_every_epoch=False, manual_clip=None,
+                  **trainer_kwargs):
     L = lightning()
-    module = lightning_module(make_optimizer)
+    module = lightning_module(make_optimizer, manual_clip)
     callbacks = [L.pytorch.callbacks.ModelCheckpoint(dirpath=root / "ckpt", every_n_epochs=1, save_top_k=-1)] \
         if checkpoint_every_epoch else []
     trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=epochs, default_root_dir=root, logger=False,
@@ -194,6 +207,15 @@ def test_lightning_fit_with_gradient_clipping_matches_torch_adamw(tmp_path, prec
     if precision == "16-mixed":
         assert fused_trainer.precision_plugin.scaler.get_scale() == torch_trainer.precision_plugin.scaler.get_scale()
         assert max(optimizer_steps_taken(fused_trainer.optimizers[0])) < fused_trainer.global_step  # some skipped
+    assert_same_fit(torch_module, fused_module, torch_trainer, fused_trainer)
+
+
+def test_lightning_manual_optimization_clip_gradients_under_bf16_mixed_matches_torch_adamw(tmp_path):
+    torch_module, torch_trainer = lightning_fit(torch.optim.AdamW, tmp_path / "torch", manual_clip=CLIP,
+                                                **torch_precision("bf16-mixed"))
+    fused_module, fused_trainer = lightning_fit(fusedopt.AdamW, tmp_path / "fused", manual_clip=CLIP,
+                                                **fused_precision("bf16-mixed"))
+    assert min(torch_module.grad_norms) > CLIP
     assert_same_fit(torch_module, fused_module, torch_trainer, fused_trainer)
 
 
