@@ -193,8 +193,9 @@ def assert_same_fit(torch_module, fused_module, torch_trainer, fused_trainer):
 
 @pytest.mark.parametrize("precision", ["32-true", "bf16-mixed", "16-mixed"])
 def test_lightning_fit_with_gradient_clipping_matches_torch_adamw(tmp_path, precision):
-    """Clipping by norm on every step, with fusedopt.lightning.MixedPrecision under AMP
-    (Lightning's own plugin refuses fusedopt there)."""
+    """Clipping by norm on every step (in 32-true with gradients accumulated over 2
+    batches), with fusedopt.lightning.MixedPrecision under AMP (Lightning's own plugin
+    refuses fusedopt there)."""
     scalers = (overflowing_scaler(), overflowing_scaler()) if precision == "16-mixed" else (None, None)
     accumulate = 2 if precision == "32-true" else 1
     torch_module, torch_trainer = lightning_fit(
