@@ -16,6 +16,15 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import fusedopt
 
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: a second intra-op thread only spins, and on a loaded machine costs 4x."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 # --- Hugging Face Trainer ------------------------------------------------------------------
 HF_STEPS, HF_CHECKPOINT_STEP = 24, 10  # the checkpoint falls mid-epoch (12 batches an epoch)
 
