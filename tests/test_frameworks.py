@@ -2,8 +2,8 @@
 with fusedopt and with torch.optim on the same model, data and seed, and compared.
 
 Oracles. HF: ``torch.optim.AdamW(fused=True)``. torch's own implementations already part
-after a few dozen Adam steps (here its for-loop and fused AdamW end 1.3e-5 apart on the
-GPT-2 in float32 and 1.2e-2 under bf16 autocast: one-ulp differences that Adam's
+after a few dozen Adam steps (here its for-loop and fused AdamW end ~1e-5 apart on the
+GPT-2 in float32 and ~1e-2 under bf16 autocast: one-ulp differences that Adam's
 normalisation amplifies where a grad is near zero, and bf16 rounding of the activations);
 fusedopt computes what torch's fused kernel computes (bit for bit here), so it is held to
 that one tightly. Lightning under mixed precision with clipping refuses torch's fused
