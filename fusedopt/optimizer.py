@@ -621,6 +621,12 @@ class FusedOptimizer(Optimizer):
         scaler, and the kernel unscales the grads during the step. That saves GradScaler's
         own pass over the grads. Returns the total norm (of the unscaled grads).
         """
+        inner = self.__dict__.get("_optimizer")
+        if isinstance(inner, FusedOptimizer) and inner is not self:
+            # Called through a wrapper that subclasses the optimizer's class and forwards
+            # attribute reads to it (Lightning's LightningOptimizer): the clip coefficient
+            # must be written to the optimizer that steps, not to the wrapper.
+            return inner.clip_grad_norm_(max_norm, norm_type, error_if_nonfinite, grad_scaler=grad_scaler)
         norm_type = float(norm_type)
         work = self._collect_work()
         if any(isinstance(c.part.buf, InPlaceBuffer) for c in work):

@@ -269,3 +269,26 @@ def test_lightning_resume_from_checkpoint_equals_the_uninterrupted_fit(tmp_path,
     for resumed, whole in zip(resumed_module.parameters(), whole_module.parameters()):
         assert torch.equal(resumed, whole)
     assert_same_fit(torch_module, whole_module, torch_trainer, whole_trainer)
+
+
+def test_clip_grad_norm_through_lightnings_optimizer_wrapper_clips_the_step():
+    # self.optimizers() in a LightningModule is a LightningOptimizer: a subclass of the
+    # optimizer's class whose attribute writes land on the wrapper. The clip must still
+    # reach the step of the optimizer it wraps, as torch.nn.utils.clip_grad_norm_ does.
+    LightningOptimizer = lightning().pytorch.core.optimizer.LightningOptimizer
+
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(7))]
+    expected = [p.detach().clone().requires_grad_() for p in params]
+    ref = torch.optim.SGD(expected, lr=0.1, foreach=False)
+    opt = fusedopt.SGD(params, lr=0.1)
+    for p, e in zip(params, expected):
+        p.grad = torch.randn_like(p) * 10
+        e.grad = p.grad.clone()
+    norm = LightningOptimizer(opt).clip_grad_norm_(1.0)
+    expected_norm = torch.nn.utils.clip_grad_norm_(expected, 1.0)
+    opt.step()
+    ref.step()
+    torch.testing.assert_close(norm, expected_norm)
+    for p, e in zip(params, expected):
+        torch.testing.assert_close(p, e)
