@@ -88,6 +88,7 @@ SCHEDULES = [
     ("adam", "onecycle", "float"),
     ("sgd", "onecycle", "float"),
     ("adamw", "linear", "tensor"),
+    ("adam", "onecycle", "tensor"),
 ]
 
 
