@@ -541,16 +541,19 @@ class FusedOptimizer(Optimizer):
     def _run(self, c: CheckedPart, transform: GradTransform, skipped: bool) -> None:
         buf = c.part.buf
         rows = c.buffer_rows()
+        # The update is an in-place write to each parameter (and with zero_grads to each
+        # grad): autograd must see it. Bumped before the kernel, while the check has just
+        # brought these tensors into cache (after it they cost a cache miss each).
+        if not skipped:
+            torch.autograd.graph.increment_version(c.updated_params())
+        if transform.zero_grads:
+            torch.autograd.graph.increment_version(c.grads)
         buf.before_kernel()
         self._update_buffer(c.group, buf, buf.segments(rows), buf.kernel_grads(rows, c.grads, c.flat),
                             transform.on(buf.device))
-        if transform.zero_grads:
-            torch.autograd.graph.increment_version(c.grads)
         if skipped:
             return
         buf.after_kernel()
-        # The update is an in-place write to each parameter: autograd must see it.
-        torch.autograd.graph.increment_version(c.updated_params())
         self._ensure_state(c.part, c.rows)
 
     # --- step under torch.compile ------------------------------------------------------
