@@ -183,3 +183,17 @@ def test_compiled_step_with_grads_kept_in_the_flat_grad_buffer():
     compiled, _ = train("fusedopt", "adamw", "linear", compile_what="step", set_to_none=False)
     for a, b in zip(compiled, eager):
         assert torch.equal(a, b)
+
+
+def test_compiled_first_step_packs_the_model_into_one_flat_buffer_and_one_op():
+    # The first step is the traced one here: its bookkeeping runs before dynamo wraps
+    # the parameters (a wrapped parameter's storage is referenced by dynamo too, and
+    # would look shared: one kernel call per parameter instead of one per buffer).
+    model = make_model()
+    opt = make_optimizer("fusedopt", "adamw", model.parameters(), 0.01)
+    torch.nn.functional.mse_loss(model(torch.randn(32, 8)), torch.randn(32, 4)).backward()
+    explanation = torch._dynamo.explain(opt.step)()
+    ops = [str(op) for graph in explanation.ops_per_graph for op in graph]
+    assert explanation.graph_break_count == 0
+    assert ops.count("fusedopt.adam_step_") == 1, ops
+    assert len(opt._plans[0].parts) == 1
