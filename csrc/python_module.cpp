@@ -5,6 +5,7 @@
 // interpreter time per tensor per step.
 #include <Python.h>
 #include <torch/csrc/autograd/python_variable.h>
+#include <torch/version.h>
 
 namespace {
 
@@ -140,7 +141,11 @@ PyObject* sync_check(PyObject* /*module*/, PyObject* args) {
 // sole_owner(t): whether nothing but t sees its memory: no other tensor shares its
 // storage, and the memory came from the device's allocator (not shared memory, a file
 // mapping, numpy or DLPack). fusedopt moves a tensor into its own buffers only then.
-// In C because asking from Python (t.untyped_storage()) itself leaves a reference.
+// In C because asking from Python (t.untyped_storage()) itself leaves a reference:
+// the Python storage object then lives as long as the storage does (torch's PyObject
+// preservation) and counts as a user. One that nothing in Python holds any more is not
+// another user of the memory, and is discounted: torch.compile asks for the storage of
+// every parameter it traces, and fusedopt's first step often comes after that.
 PyObject* sole_owner(PyObject* /*module*/, PyObject* arg) {
   if (!THPVariable_Check(arg)) {
     PyErr_SetString(PyExc_TypeError, "sole_owner: expected a tensor");
@@ -149,8 +154,12 @@ PyObject* sole_owner(PyObject* /*module*/, PyObject* arg) {
   const at::Tensor& t = THPVariable_Unpack(arg);
   if (!t.has_storage()) Py_RETURN_FALSE;
   const c10::Storage& storage = t.storage();
+  size_t users = storage.use_count();
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 10)
+  if (users == 2 && storage.unsafeGetStorageImpl()->pyobj_slot()->has_unique_reference()) users = 1;
+#endif
   c10::Allocator* allocator = c10::GetAllocator(t.device().type());
-  const bool owned = storage.use_count() == 1 && allocator != nullptr &&
+  const bool owned = users == 1 && allocator != nullptr &&
                      storage.data_ptr().get_deleter() == allocator->raw_deleter();
   return PyBool_FromLong(owned);
 }

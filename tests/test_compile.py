@@ -197,3 +197,24 @@ def test_compiled_first_step_packs_the_model_into_one_flat_buffer_and_one_op():
     assert explanation.graph_break_count == 0
     assert ops.count("fusedopt.adam_step_") == 1, ops
     assert len(opt._plans[0].parts) == 1
+
+
+def test_parameters_seen_by_a_compiled_forward_still_move_into_one_flat_buffer():
+    # Compiling the forward first asks for every parameter's storage from Python; the
+    # storage object torch keeps alive for that is no other user of the memory.
+    model = make_model()
+    opt = make_optimizer("fusedopt", "adamw", model.parameters(), 0.01)
+    forward = torch.compile(model)
+    x, y = torch.randn(32, 8), torch.randn(32, 4)
+    expected = make_model()
+    ref = make_optimizer("torch", "adamw", expected.parameters(), 0.01)
+    for _ in range(3):
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(forward(x), y).backward()
+        opt.step()
+        ref.zero_grad()
+        torch.nn.functional.mse_loss(expected(x), y).backward()
+        ref.step()
+    assert [type(part.buf).__name__ for part in opt._plans[0].parts] == ["FlatBuffer"]
+    for a, b in zip(model.parameters(), expected.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

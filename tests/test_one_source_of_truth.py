@@ -291,6 +291,26 @@ def test_parameter_that_is_a_view_of_a_user_tensor_writes_through(algo):
 
 
 @pytest.mark.parametrize("algo", ALGOS)
+def test_storage_object_held_by_the_user_keeps_seeing_the_parameter(algo):
+    # A Python storage object the user holds sees the parameter's memory (so it is not
+    # moved); one that nobody holds any more (torch.compile asks for every storage) does not
+    # keep a parameter out of the flat buffer.
+    out = []
+    for lib in ("torch", "fusedopt"):
+        params = [nn.Parameter(torch.randn(3, 4, generator=torch.Generator().manual_seed(5)))
+                  for _ in range(2)]
+        held = params[0].untyped_storage()
+        params[1].untyped_storage()  # asked for and dropped
+        opt = build(algo, lib, [{"params": params}])
+        trained(opt, params)
+        out.append(torch.empty(0).set_(held).view(3, 4).clone())
+        if lib == "fusedopt":
+            moved = [type(opt._slots[p][0]).__name__ for p in params]
+            assert moved == ["PinnedBuffer", "FlatBuffer"], moved
+    torch.testing.assert_close(out[1], out[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("algo", ALGOS)
 def test_storage_tied_across_groups_stays_tied(algo):
     out = []
     for lib in ("torch", "fusedopt"):
