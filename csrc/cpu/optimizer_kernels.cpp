@@ -39,6 +39,43 @@ template <>
 inline Vectorized<double> opmath_maximum(Vectorized<double> a, Vectorized<double> b) {
   return at::vec::maximum(a, b);
 }
+template <>
+inline Vectorized<float> select_where_equal(Vectorized<float> a, Vectorized<float> b, Vectorized<float> x,
+                                            Vectorized<float> y) {
+  return Vectorized<float>::blendv(y, x, a == b);
+}
+
+using Bits = Vectorized<int32_t>;  // a SIMD vector of uint32 bit patterns (wrapping arithmetic)
+
+template <>
+struct BitsOf<Vectorized<float>> {
+  using type = Bits;
+};
+template <>
+struct FloatOf<Bits> {
+  using type = Vectorized<float>;
+};
+
+template <>
+inline Bits float_bits(Vectorized<float> x) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return Bits(_mm512_castps_si512(x));
+#elif defined(CPU_CAPABILITY_AVX2)
+  return Bits(_mm256_castps_si256(x));
+#else
+  return at::vec::cast<int32_t>(x);
+#endif
+}
+
+template <>
+inline Vectorized<float> bits_as_float(Bits bits) {
+  return at::vec::cast<float>(bits);
+}
+
+template <>
+inline Bits shift_right_logical(Bits x, int bits) {
+  return (x >> Bits(bits)) & Bits(static_cast<int32_t>(0xffffffffu >> bits));
+}
 
 namespace {
 
@@ -68,6 +105,11 @@ struct VecIO<scalar_t, std::enable_if_t<at::vec::is_reduced_floating_point_v<sca
   }
   static void store(scalar_t* ptr, const Vec& lo, const Vec& hi) {
     at::vec::convert_from_float<scalar_t>(lo, hi).store(ptr);
+  }
+  // lo, hi rounded to scalar_t (to nearest even) and back to float.
+  static void load_rounded(const Vec& lo, const Vec& hi, Vec& rounded_lo, Vec& rounded_hi) {
+    std::tie(rounded_lo, rounded_hi) =
+        at::vec::convert_to_float<scalar_t>(at::vec::convert_from_float<scalar_t>(lo, hi));
   }
 };
 
@@ -172,12 +214,26 @@ std::optional<opmath_t> optional_scalar(const std::optional<at::Tensor>& t) {
   return static_cast<opmath_t>(t->item<double>());
 }
 
-void check_flat(const at::Tensor& flat, const at::Tensor& param, const char* name) {
-  TORCH_CHECK(flat.device() == param.device() && flat.scalar_type() == param.scalar_type() &&
+// A state buffer: laid out like param, of `dtype`.
+void check_flat(const at::Tensor& flat, const at::Tensor& param, at::ScalarType dtype, const char* name) {
+  TORCH_CHECK(flat.device() == param.device() && flat.scalar_type() == dtype &&
                   flat.numel() == param.numel() && flat.is_contiguous(),
               "fusedopt: ", name, " must be a contiguous buffer like param (", param.numel(),
-              " elements of ", param.scalar_type(), ")");
+              " elements of ", dtype, ")");
 }
+
+// The dtype of the state buffers, checked against the param's: the param's own, or
+// float32/bfloat16/float16 for a param computed in float (float32, bfloat16, float16).
+at::ScalarType check_state_dtype(const at::Tensor& state, const at::Tensor& param) {
+  const auto dtype = state.scalar_type();
+  const bool float_opmath = param.scalar_type() != at::kDouble;
+  TORCH_CHECK(dtype == param.scalar_type() ||
+                  (float_opmath && (dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf)),
+              "fusedopt: state of dtype ", dtype, " is not supported for ", param.scalar_type(),
+              " params (float32, bfloat16 or float16 state needs float32, bfloat16 or float16 params)");
+  return dtype;
+}
+
 
 // Validates the segments/grads contract of segment_table.h. Returns whether the grads
 // are one flat buffer.
@@ -220,16 +276,108 @@ bool check_segments_and_grads(const at::Tensor& param, const at::Tensor& step,
   return flat_grads;
 }
 
-template <typename scalar_t, bool amsgrad>
-void adam_kernel(scalar_t* param, scalar_t* exp_avg, scalar_t* exp_avg_sq, scalar_t* max_exp_avg_sq,
-                 const float* step, const at::TensorList grads, bool flat_grads, const int64_t* seg,
-                 const std::vector<WorkItem>& items, double lr, double beta1, double beta2,
-                 double weight_decay, double eps, bool decoupled, bool maximize,
+// How values are rounded when stored: to nearest even, or (with a key) stochastically
+// for bfloat16 storage (optimizer_math.h, [note: rounding on store]).
+struct Rounding {
+  bool stochastic;
+  uint32_t key;
+};
+
+// Stores kWidth opmath values at ptr as storage type T, rounding as asked. `index` is
+// the flat-buffer index of the first one (the counter of the random bits).
+template <typename T, typename Vec>
+inline void store_rounded(T* ptr, Vec lo, Vec hi, const Rounding& rounding, int64_t index, int slot) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if (rounding.stochastic) {
+      const Bits first = Bits::arange(static_cast<int32_t>(static_cast<uint32_t>(index)), 1);
+      const Bits second = first + Bits(static_cast<int32_t>(Vec::size()));
+      lo = round_stochastic_to_bfloat16(lo, rounding_bits(first, rounding.key, slot));
+      hi = round_stochastic_to_bfloat16(hi, rounding_bits(second, rounding.key, slot));
+    }
+  }
+  VecIO<T>::store(ptr, lo, hi);
+}
+
+template <typename T, typename opmath_t>
+inline T round_scalar(opmath_t value, const Rounding& rounding, int64_t index, int slot) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if (rounding.stochastic)
+      value = round_stochastic_to_bfloat16(
+          value, rounding_bits(static_cast<uint32_t>(index), rounding.key, slot));
+  }
+  return static_cast<T>(value);
+}
+
+// The param as the update sees it: its value, or with master weights the fp32 master,
+// unless the param was changed behind it ([note: master weights follow the param]).
+template <typename scalar_t, typename Vec>
+inline void load_param(const scalar_t* param, const float* master, Vec& lo, Vec& hi) {
+  VecIO<scalar_t>::load(param, lo, hi);
+  if constexpr (at::vec::is_reduced_floating_point_v<scalar_t>) {
+    if (master != nullptr) {
+      Vec m0, m1, r0, r1;
+      VecIO<float>::load(master, m0, m1);
+      // The master's rounding to the param's dtype, back in float.
+      VecIO<scalar_t>::load_rounded(m0, m1, r0, r1);
+      lo = master_or_param(m0, r0, lo);
+      hi = master_or_param(m1, r1, hi);
+    }
+  }
+}
+
+template <typename scalar_t, typename opmath_t>
+inline opmath_t load_param_scalar(const scalar_t* param, const float* master, int64_t i) {
+  const opmath_t value = static_cast<opmath_t>(param[i]);
+  if constexpr (at::vec::is_reduced_floating_point_v<scalar_t>) {
+    if (master != nullptr)
+      return master_or_param(master[i], static_cast<float>(static_cast<scalar_t>(master[i])), value);
+  }
+  return value;
+}
+
+// Stores the updated param: into the master and its rounding (to nearest even) into
+// the param, or into the param rounded as asked.
+template <typename scalar_t, typename Vec>
+inline void store_param(scalar_t* param, float* master, Vec lo, Vec hi, const Rounding& rounding,
+                        int64_t index) {
+  if constexpr (at::vec::is_reduced_floating_point_v<scalar_t>) {
+    if (master != nullptr) {
+      VecIO<float>::store(master, lo, hi);
+      VecIO<scalar_t>::store(param, lo, hi);
+      return;
+    }
+  }
+  store_rounded(param, lo, hi, rounding, index, 0);
+}
+
+template <typename scalar_t, typename opmath_t>
+inline void store_param_scalar(scalar_t* param, float* master, opmath_t value, const Rounding& rounding,
+                               int64_t index, int64_t i) {
+  if constexpr (at::vec::is_reduced_floating_point_v<scalar_t>) {
+    if (master != nullptr) {
+      master[i] = value;
+      param[i] = static_cast<scalar_t>(value);
+      return;
+    }
+  }
+  param[i] = round_scalar<scalar_t>(value, rounding, index, 0);
+}
+
+// Adam over the work items. Params are scalar_t (with an optional float32 master
+// copy), the moments state_t; both load into the same opmath vectors.
+template <typename scalar_t, typename state_t, bool amsgrad>
+void adam_kernel(scalar_t* param, float* master, state_t* exp_avg, state_t* exp_avg_sq,
+                 state_t* max_exp_avg_sq, const float* step, const at::TensorList grads, bool flat_grads,
+                 const int64_t* seg, const std::vector<WorkItem>& items, double lr, double beta1,
+                 double beta2, double weight_decay, double eps, bool decoupled, bool maximize,
                  std::optional<at::opmath_type<scalar_t>> grad_scale,
-                 std::optional<at::opmath_type<scalar_t>> grad_multiplier, bool zero_grads) {
+                 std::optional<at::opmath_type<scalar_t>> grad_multiplier, bool zero_grads,
+                 Rounding rounding) {
   using IO = VecIO<scalar_t>;
+  using SIO = VecIO<state_t>;
   using opmath_t = typename IO::opmath_t;
   using Vec = typename IO::Vec;
+  static_assert(IO::kWidth == SIO::kWidth && std::is_same_v<opmath_t, typename SIO::opmath_t>);
   const opmath_t* scale_ptr = grad_scale ? &*grad_scale : nullptr;
   const opmath_t* multiplier_ptr = grad_multiplier ? &*grad_multiplier : nullptr;
 
@@ -243,48 +391,55 @@ void adam_kernel(scalar_t* param, scalar_t* exp_avg, scalar_t* exp_avg_sq, scala
       const auto src = grad_source<scalar_t>(grads, flat_grads, row, item.segment);
       for_each_contiguous_grad_block(src, item.begin, item.end, zero_grads,
                                      [&](int64_t i0, int64_t n, const scalar_t* g) {
-        scalar_t* p = param + base + i0;
-        scalar_t* m = exp_avg + base + i0;
-        scalar_t* v = exp_avg_sq + base + i0;
-        scalar_t* vmax = amsgrad ? max_exp_avg_sq + base + i0 : nullptr;
+        const int64_t first_index = base + i0;
+        scalar_t* p = param + first_index;
+        float* pm = master != nullptr ? master + first_index : nullptr;
+        state_t* m = exp_avg + first_index;
+        state_t* v = exp_avg_sq + first_index;
+        state_t* vmax = amsgrad ? max_exp_avg_sq + first_index : nullptr;
         int64_t i = 0;
         for (; i + IO::kWidth <= n; i += IO::kWidth) {
           Vec p0, p1, g0, g1, m0, m1, v0, v1, x0, x1;
-          IO::load(p + i, p0, p1);
+          load_param(p + i, pm != nullptr ? pm + i : nullptr, p0, p1);
           IO::load(g + i, g0, g1);
-          IO::load(m + i, m0, m1);
-          IO::load(v + i, v0, v1);
-          if constexpr (amsgrad) IO::load(vmax + i, x0, x1);
+          SIO::load(m + i, m0, m1);
+          SIO::load(v + i, v0, v1);
+          if constexpr (amsgrad) SIO::load(vmax + i, x0, x1);
           adam_update<amsgrad>(p0, effective_grad(g0, scale_ptr, multiplier_ptr, maximize), m0, v0, x0, c);
           adam_update<amsgrad>(p1, effective_grad(g1, scale_ptr, multiplier_ptr, maximize), m1, v1, x1, c);
-          IO::store(p + i, p0, p1);
-          IO::store(m + i, m0, m1);
-          IO::store(v + i, v0, v1);
-          if constexpr (amsgrad) IO::store(vmax + i, x0, x1);
+          const int64_t index = first_index + i;
+          store_param(p + i, pm != nullptr ? pm + i : nullptr, p0, p1, rounding, index);
+          store_rounded(m + i, m0, m1, rounding, index, 1);
+          store_rounded(v + i, v0, v1, rounding, index, 2);
+          if constexpr (amsgrad) store_rounded(vmax + i, x0, x1, rounding, index, 3);
         }
         for (; i < n; ++i) {  // tail: the same math on scalars
-          opmath_t ps = p[i], ms = m[i], vs = v[i], xs = amsgrad ? opmath_t(vmax[i]) : opmath_t(0);
+          opmath_t ps = load_param_scalar<scalar_t, opmath_t>(p, pm, i);
+          opmath_t ms = m[i], vs = v[i], xs = amsgrad ? opmath_t(vmax[i]) : opmath_t(0);
           adam_update<amsgrad>(ps, effective_grad(opmath_t(g[i]), scale_ptr, multiplier_ptr, maximize),
                                ms, vs, xs, c);
-          p[i] = ps;
-          m[i] = ms;
-          v[i] = vs;
-          if constexpr (amsgrad) vmax[i] = xs;
+          const int64_t index = first_index + i;
+          store_param_scalar(p, pm, ps, rounding, index, i);
+          m[i] = round_scalar<state_t>(ms, rounding, index, 1);
+          v[i] = round_scalar<state_t>(vs, rounding, index, 2);
+          if constexpr (amsgrad) vmax[i] = round_scalar<state_t>(xs, rounding, index, 3);
         }
       });
     }
   });
 }
 
-template <typename scalar_t, bool has_momentum, bool nesterov>
-void sgd_kernel(scalar_t* param, scalar_t* momentum_buffer, const std::vector<uint8_t>& first_step,
+template <typename scalar_t, typename state_t, bool has_momentum, bool nesterov>
+void sgd_kernel(scalar_t* param, float* master, state_t* momentum_buffer, const std::vector<uint8_t>& first_step,
                 const at::TensorList grads, bool flat_grads, const int64_t* seg,
                 const std::vector<WorkItem>& items, double lr, double momentum, double dampening,
                 double weight_decay, bool maximize, std::optional<at::opmath_type<scalar_t>> grad_scale,
-                std::optional<at::opmath_type<scalar_t>> grad_multiplier, bool zero_grads) {
+                std::optional<at::opmath_type<scalar_t>> grad_multiplier, bool zero_grads, Rounding rounding) {
   using IO = VecIO<scalar_t>;
+  using SIO = VecIO<state_t>;
   using opmath_t = typename IO::opmath_t;
   using Vec = typename IO::Vec;
+  static_assert(IO::kWidth == SIO::kWidth && std::is_same_v<opmath_t, typename SIO::opmath_t>);
   const opmath_t* scale_ptr = grad_scale ? &*grad_scale : nullptr;
   const opmath_t* multiplier_ptr = grad_multiplier ? &*grad_multiplier : nullptr;
   const auto c = sgd_coefficients<opmath_t>(lr, momentum, dampening, weight_decay);
@@ -298,31 +453,70 @@ void sgd_kernel(scalar_t* param, scalar_t* momentum_buffer, const std::vector<ui
       const auto src = grad_source<scalar_t>(grads, flat_grads, row, item.segment);
       for_each_contiguous_grad_block(src, item.begin, item.end, zero_grads,
                                      [&](int64_t i0, int64_t n, const scalar_t* g) {
-        scalar_t* p = param + base + i0;
-        scalar_t* buf = has_momentum ? momentum_buffer + base + i0 : nullptr;
+        const int64_t first_index = base + i0;
+        scalar_t* p = param + first_index;
+        float* pm = master != nullptr ? master + first_index : nullptr;
+        state_t* buf = has_momentum ? momentum_buffer + first_index : nullptr;
         int64_t i = 0;
         for (; i + IO::kWidth <= n; i += IO::kWidth) {
           Vec p0, p1, g0, g1, b0, b1;
-          IO::load(p + i, p0, p1);
+          load_param(p + i, pm != nullptr ? pm + i : nullptr, p0, p1);
           IO::load(g + i, g0, g1);
-          if constexpr (has_momentum) IO::load(buf + i, b0, b1);
+          if constexpr (has_momentum) SIO::load(buf + i, b0, b1);
           sgd_update<has_momentum, nesterov>(p0, effective_grad(g0, scale_ptr, multiplier_ptr, maximize),
                                              b0, first_time, c);
           sgd_update<has_momentum, nesterov>(p1, effective_grad(g1, scale_ptr, multiplier_ptr, maximize),
                                              b1, first_time, c);
-          IO::store(p + i, p0, p1);
-          if constexpr (has_momentum) IO::store(buf + i, b0, b1);
+          const int64_t index = first_index + i;
+          store_param(p + i, pm != nullptr ? pm + i : nullptr, p0, p1, rounding, index);
+          if constexpr (has_momentum) store_rounded(buf + i, b0, b1, rounding, index, 1);
         }
         for (; i < n; ++i) {
-          opmath_t ps = p[i], bs = has_momentum ? opmath_t(buf[i]) : opmath_t(0);
+          opmath_t ps = load_param_scalar<scalar_t, opmath_t>(p, pm, i);
+          opmath_t bs = has_momentum ? opmath_t(buf[i]) : opmath_t(0);
           sgd_update<has_momentum, nesterov>(
               ps, effective_grad(opmath_t(g[i]), scale_ptr, multiplier_ptr, maximize), bs, first_time, c);
-          p[i] = ps;
-          if constexpr (has_momentum) buf[i] = bs;
+          const int64_t index = first_index + i;
+          store_param_scalar(p, pm, ps, rounding, index, i);
+          if constexpr (has_momentum) buf[i] = round_scalar<state_t>(bs, rounding, index, 1);
         }
       });
     }
   });
+}
+
+// The float32 master copy, and how values are rounded on store.
+float* check_master(const std::optional<at::Tensor>& master_param, const at::Tensor& param) {
+  if (!master_param.has_value()) return nullptr;
+  TORCH_CHECK(param.scalar_type() == at::kBFloat16 || param.scalar_type() == at::kHalf,
+              "fusedopt: master_param is for bfloat16 or float16 params, got ", param.scalar_type());
+  check_flat(*master_param, param, at::kFloat, "master_param");
+  return master_param->data_ptr<float>();
+}
+
+Rounding rounding_of(const std::optional<at::Tensor>& rounding_seed, bool has_master) {
+  if (!rounding_seed.has_value()) return {false, 0};
+  TORCH_CHECK(rounding_seed->numel() == 1 && rounding_seed->scalar_type() == at::kLong,
+              "fusedopt: rounding_seed must be one int64");
+  TORCH_CHECK(!has_master, "fusedopt: stochastic rounding and master_param exclude each other "
+                           "(the param is the master's rounding to nearest)");
+  return {true, rounding_key(rounding_seed->item<int64_t>())};
+}
+
+// Calls f with a null state_t* for the state dtype: scalar_t's own, or (for params
+// computed in float) float32, bfloat16 or float16.
+template <typename scalar_t, typename F>
+void dispatch_state_dtype(at::ScalarType dtype, const F& f) {
+  if constexpr (std::is_same_v<scalar_t, double>) {
+    f(static_cast<double*>(nullptr));
+  } else {
+    switch (dtype) {
+      case at::kFloat: f(static_cast<float*>(nullptr)); break;
+      case at::kBFloat16: f(static_cast<c10::BFloat16*>(nullptr)); break;
+      case at::kHalf: f(static_cast<c10::Half*>(nullptr)); break;
+      default: TORCH_CHECK(false, "fusedopt: unsupported state dtype ", dtype);
+    }
+  }
 }
 
 // In-kernel zeroing covers contiguous grads; a strided grad is zeroed whole here, after
@@ -353,12 +547,16 @@ void adam_step_cpu(at::Tensor& param, at::Tensor& exp_avg, at::Tensor& exp_avg_s
                    double beta1, double beta2, double weight_decay, double eps, bool decoupled_weight_decay,
                    bool maximize, const std::optional<at::Tensor>& grad_scale,
                    const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& grad_multiplier,
-                   bool zero_grads) {
+                   bool zero_grads, const std::optional<at::Tensor>& master_param,
+                   const std::optional<at::Tensor>& rounding_seed) {
   const bool flat_grads = check_segments_and_grads(param, step, grads, segments);
-  check_flat(exp_avg, param, "exp_avg");
-  check_flat(exp_avg_sq, param, "exp_avg_sq");
+  const at::ScalarType state_dtype = check_state_dtype(exp_avg, param);
+  check_flat(exp_avg, param, state_dtype, "exp_avg");
+  check_flat(exp_avg_sq, param, state_dtype, "exp_avg_sq");
   const bool amsgrad = max_exp_avg_sq.has_value();
-  if (amsgrad) check_flat(*max_exp_avg_sq, param, "max_exp_avg_sq");
+  if (amsgrad) check_flat(*max_exp_avg_sq, param, state_dtype, "max_exp_avg_sq");
+  float* master = check_master(master_param, param);
+  const Rounding rounding = rounding_of(rounding_seed, master != nullptr);
   const StepControl control = step_control(lr, lr_tensor, found_inf);
   if (control.skip) {
     zero_grads_of_skipped_step(grads, zero_grads);
@@ -370,15 +568,18 @@ void adam_step_cpu(at::Tensor& param, at::Tensor& exp_avg, at::Tensor& exp_avg_s
   const auto items = split_segments(seg, segments.size(0));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, param.scalar_type(), "fusedopt::adam_step_", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
-    auto run = [&](auto amsgrad_tag) {
-      adam_kernel<scalar_t, decltype(amsgrad_tag)::value>(
-          param.data_ptr<scalar_t>(), exp_avg.data_ptr<scalar_t>(), exp_avg_sq.data_ptr<scalar_t>(),
-          amsgrad ? max_exp_avg_sq->data_ptr<scalar_t>() : nullptr, step.data_ptr<float>(), grads,
-          flat_grads, seg, items, control.lr, beta1, beta2, weight_decay, eps, decoupled_weight_decay,
-          maximize, optional_scalar<opmath_t>(grad_scale), optional_scalar<opmath_t>(grad_multiplier),
-          zero_grads);
-    };
-    amsgrad ? run(std::true_type{}) : run(std::false_type{});
+    dispatch_state_dtype<scalar_t>(state_dtype, [&](auto* state_tag) {
+      using state_t = std::remove_pointer_t<decltype(state_tag)>;
+      auto run = [&](auto amsgrad_tag) {
+        adam_kernel<scalar_t, state_t, decltype(amsgrad_tag)::value>(
+            param.data_ptr<scalar_t>(), master, exp_avg.data_ptr<state_t>(), exp_avg_sq.data_ptr<state_t>(),
+            amsgrad ? max_exp_avg_sq->data_ptr<state_t>() : nullptr, step.data_ptr<float>(), grads,
+            flat_grads, seg, items, control.lr, beta1, beta2, weight_decay, eps, decoupled_weight_decay,
+            maximize, optional_scalar<opmath_t>(grad_scale), optional_scalar<opmath_t>(grad_multiplier),
+            zero_grads, rounding);
+      };
+      amsgrad ? run(std::true_type{}) : run(std::false_type{});
+    });
   });
   zero_strided_grads(grads, flat_grads, zero_grads);
 }
@@ -388,10 +589,15 @@ void sgd_step_cpu(at::Tensor& param, const std::optional<at::Tensor>& momentum_b
                   const std::optional<at::Tensor>& lr_tensor, double momentum, double dampening,
                   double weight_decay, bool nesterov, bool maximize, const std::optional<at::Tensor>& grad_scale,
                   const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& grad_multiplier,
-                  bool zero_grads) {
+                  bool zero_grads, const std::optional<at::Tensor>& master_param,
+                  const std::optional<at::Tensor>& rounding_seed) {
   const bool flat_grads = check_segments_and_grads(param, step, grads, segments);
   const bool has_momentum = momentum_buffer.has_value();
-  if (has_momentum) check_flat(*momentum_buffer, param, "momentum_buffer");
+  const at::ScalarType state_dtype =
+      has_momentum ? check_state_dtype(*momentum_buffer, param) : param.scalar_type();
+  if (has_momentum) check_flat(*momentum_buffer, param, state_dtype, "momentum_buffer");
+  float* master = check_master(master_param, param);
+  const Rounding rounding = rounding_of(rounding_seed, master != nullptr);
   const StepControl control = step_control(lr, lr_tensor, found_inf);
   if (control.skip) {
     zero_grads_of_skipped_step(grads, zero_grads);
@@ -409,16 +615,22 @@ void sgd_step_cpu(at::Tensor& param, const std::optional<at::Tensor>& momentum_b
   const auto items = split_segments(seg, num_segments);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, param.scalar_type(), "fusedopt::sgd_step_", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
-    auto run = [&](auto momentum_tag, auto nesterov_tag) {
-      sgd_kernel<scalar_t, decltype(momentum_tag)::value, decltype(nesterov_tag)::value>(
-          param.data_ptr<scalar_t>(), has_momentum ? momentum_buffer->data_ptr<scalar_t>() : nullptr,
+    auto run = [&](auto* state_tag, auto momentum_tag, auto nesterov_tag) {
+      using state_t = std::remove_pointer_t<decltype(state_tag)>;
+      sgd_kernel<scalar_t, state_t, decltype(momentum_tag)::value, decltype(nesterov_tag)::value>(
+          param.data_ptr<scalar_t>(), master, has_momentum ? momentum_buffer->data_ptr<state_t>() : nullptr,
           first_step, grads, flat_grads, seg, items, control.lr, momentum, dampening, weight_decay,
           maximize, optional_scalar<opmath_t>(grad_scale), optional_scalar<opmath_t>(grad_multiplier),
-          zero_grads);
+          zero_grads, rounding);
     };
-    if (!has_momentum) run(std::false_type{}, std::false_type{});
-    else if (nesterov) run(std::true_type{}, std::true_type{});
-    else run(std::true_type{}, std::false_type{});
+    if (!has_momentum) {
+      run(static_cast<scalar_t*>(nullptr), std::false_type{}, std::false_type{});
+      return;
+    }
+    dispatch_state_dtype<scalar_t>(state_dtype, [&](auto* state_tag) {
+      if (nesterov) run(state_tag, std::true_type{}, std::true_type{});
+      else run(state_tag, std::true_type{}, std::false_type{});
+    });
   });
   zero_strided_grads(grads, flat_grads, zero_grads);
 }
