@@ -79,19 +79,32 @@ inline Bits shift_right_logical(Bits x, int bits) {
 
 namespace {
 
-// Loads and stores a block of kWidth elements of scalar_t as two opmath vectors.
+// Loads and stores a block of kWidth elements of scalar_t as two opmath vectors; the
+// last block of a row may hold fewer (`count`): the rest of the lanes load as zeros
+// and are not stored. [note: tails as vectors] A row's tail runs the same vector code
+// as its body, so every element rounds alike (as torch's fused CPU Adam does).
 template <typename scalar_t, typename = void>
 struct VecIO {  // float, double: two plain vectors
   using opmath_t = scalar_t;
   using Vec = Vectorized<scalar_t>;
   static constexpr int64_t kWidth = 2 * Vec::size();
-  static void load(const scalar_t* ptr, Vec& lo, Vec& hi) {
-    lo = Vec::loadu(ptr);
-    hi = Vec::loadu(ptr + Vec::size());
+  static void load(const scalar_t* ptr, Vec& lo, Vec& hi, int64_t count = kWidth) {
+    if (count == kWidth) {
+      lo = Vec::loadu(ptr);
+      hi = Vec::loadu(ptr + Vec::size());
+      return;
+    }
+    lo = Vec::loadu(ptr, std::min<int64_t>(count, Vec::size()));
+    hi = count > Vec::size() ? Vec::loadu(ptr + Vec::size(), count - Vec::size()) : Vec(scalar_t(0));
   }
-  static void store(scalar_t* ptr, const Vec& lo, const Vec& hi) {
-    lo.store(ptr);
-    hi.store(ptr + Vec::size());
+  static void store(scalar_t* ptr, const Vec& lo, const Vec& hi, int64_t count = kWidth) {
+    if (count == kWidth) {
+      lo.store(ptr);
+      hi.store(ptr + Vec::size());
+      return;
+    }
+    lo.store(ptr, std::min<int64_t>(count, Vec::size()));
+    if (count > Vec::size()) hi.store(ptr + Vec::size(), count - Vec::size());
   }
 };
 
@@ -100,11 +113,13 @@ struct VecIO<scalar_t, std::enable_if_t<at::vec::is_reduced_floating_point_v<sca
   using opmath_t = float;
   using Vec = Vectorized<float>;
   static constexpr int64_t kWidth = Vectorized<scalar_t>::size();
-  static void load(const scalar_t* ptr, Vec& lo, Vec& hi) {
-    std::tie(lo, hi) = at::vec::convert_to_float<scalar_t>(Vectorized<scalar_t>::loadu(ptr));
+  static void load(const scalar_t* ptr, Vec& lo, Vec& hi, int64_t count = kWidth) {
+    const auto loaded = count == kWidth ? Vectorized<scalar_t>::loadu(ptr) : Vectorized<scalar_t>::loadu(ptr, count);
+    std::tie(lo, hi) = at::vec::convert_to_float<scalar_t>(loaded);
   }
-  static void store(scalar_t* ptr, const Vec& lo, const Vec& hi) {
-    at::vec::convert_from_float<scalar_t>(lo, hi).store(ptr);
+  static void store(scalar_t* ptr, const Vec& lo, const Vec& hi, int64_t count = kWidth) {
+    if (count == kWidth) at::vec::convert_from_float<scalar_t>(lo, hi).store(ptr);
+    else at::vec::convert_from_float<scalar_t>(lo, hi).store(ptr, count);
   }
   // lo, hi rounded to scalar_t (to nearest even) and back to float.
   static void load_rounded(const Vec& lo, const Vec& hi, Vec& rounded_lo, Vec& rounded_hi) {
@@ -286,7 +301,8 @@ struct Rounding {
 // Stores kWidth opmath values at ptr as storage type T, rounding as asked. `index` is
 // the flat-buffer index of the first one (the counter of the random bits).
 template <typename T, typename Vec>
-inline void store_rounded(T* ptr, Vec lo, Vec hi, const Rounding& rounding, int64_t index, int slot) {
+inline void store_rounded(T* ptr, Vec lo, Vec hi, const Rounding& rounding, int64_t index, int slot,
+                          int64_t count) {
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
     if (rounding.stochastic) {
       const Bits first = Bits::arange(static_cast<int32_t>(static_cast<uint32_t>(index)), 1);
@@ -295,28 +311,18 @@ inline void store_rounded(T* ptr, Vec lo, Vec hi, const Rounding& rounding, int6
       hi = round_stochastic_to_bfloat16(hi, rounding_bits(second, rounding.key, slot));
     }
   }
-  VecIO<T>::store(ptr, lo, hi);
-}
-
-template <typename T, typename opmath_t>
-inline T round_scalar(opmath_t value, const Rounding& rounding, int64_t index, int slot) {
-  if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    if (rounding.stochastic)
-      value = round_stochastic_to_bfloat16(
-          value, rounding_bits(static_cast<uint32_t>(index), rounding.key, slot));
-  }
-  return static_cast<T>(value);
+  VecIO<T>::store(ptr, lo, hi, count);
 }
 
 // The param as the update sees it: its value, or with master weights the fp32 master,
 // unless the param was changed behind it ([note: master weights follow the param]).
 template <typename scalar_t, typename Vec>
-inline void load_param(const scalar_t* param, const float* master, Vec& lo, Vec& hi) {
-  VecIO<scalar_t>::load(param, lo, hi);
+inline void load_param(const scalar_t* param, const float* master, Vec& lo, Vec& hi, int64_t count) {
+  VecIO<scalar_t>::load(param, lo, hi, count);
   if constexpr (at::vec::is_reduced_floating_point_v<scalar_t>) {
     if (master != nullptr) {
       Vec m0, m1, r0, r1;
-      VecIO<float>::load(master, m0, m1);
+      VecIO<float>::load(master, m0, m1, count);
       // The master's rounding to the param's dtype, back in float.
       VecIO<scalar_t>::load_rounded(m0, m1, r0, r1);
       lo = master_or_param(m0, r0, lo);
@@ -325,42 +331,19 @@ inline void load_param(const scalar_t* param, const float* master, Vec& lo, Vec&
   }
 }
 
-template <typename scalar_t, typename opmath_t>
-inline opmath_t load_param_scalar(const scalar_t* param, const float* master, int64_t i) {
-  const opmath_t value = static_cast<opmath_t>(param[i]);
-  if constexpr (at::vec::is_reduced_floating_point_v<scalar_t>) {
-    if (master != nullptr)
-      return master_or_param(master[i], static_cast<float>(static_cast<scalar_t>(master[i])), value);
-  }
-  return value;
-}
-
 // Stores the updated param: into the master and its rounding (to nearest even) into
 // the param, or into the param rounded as asked.
 template <typename scalar_t, typename Vec>
 inline void store_param(scalar_t* param, float* master, Vec lo, Vec hi, const Rounding& rounding,
-                        int64_t index) {
+                        int64_t index, int64_t count) {
   if constexpr (at::vec::is_reduced_floating_point_v<scalar_t>) {
     if (master != nullptr) {
-      VecIO<float>::store(master, lo, hi);
-      VecIO<scalar_t>::store(param, lo, hi);
+      VecIO<float>::store(master, lo, hi, count);
+      VecIO<scalar_t>::store(param, lo, hi, count);
       return;
     }
   }
-  store_rounded(param, lo, hi, rounding, index, 0);
-}
-
-template <typename scalar_t, typename opmath_t>
-inline void store_param_scalar(scalar_t* param, float* master, opmath_t value, const Rounding& rounding,
-                               int64_t index, int64_t i) {
-  if constexpr (at::vec::is_reduced_floating_point_v<scalar_t>) {
-    if (master != nullptr) {
-      master[i] = value;
-      param[i] = static_cast<scalar_t>(value);
-      return;
-    }
-  }
-  param[i] = round_scalar<scalar_t>(value, rounding, index, 0);
+  store_rounded(param, lo, hi, rounding, index, 0, count);
 }
 
 // Adam over the work items. Params are scalar_t (with an optional float32 master
@@ -397,32 +380,21 @@ void adam_kernel(scalar_t* param, float* master, state_t* exp_avg, state_t* exp_
         state_t* m = exp_avg + first_index;
         state_t* v = exp_avg_sq + first_index;
         state_t* vmax = amsgrad ? max_exp_avg_sq + first_index : nullptr;
-        int64_t i = 0;
-        for (; i + IO::kWidth <= n; i += IO::kWidth) {
+        for (int64_t i = 0; i < n; i += IO::kWidth) {
+          const int64_t count = std::min(IO::kWidth, n - i);  // [note: tails as vectors]
           Vec p0, p1, g0, g1, m0, m1, v0, v1, x0, x1;
-          load_param(p + i, pm != nullptr ? pm + i : nullptr, p0, p1);
-          IO::load(g + i, g0, g1);
-          SIO::load(m + i, m0, m1);
-          SIO::load(v + i, v0, v1);
-          if constexpr (amsgrad) SIO::load(vmax + i, x0, x1);
+          load_param(p + i, pm != nullptr ? pm + i : nullptr, p0, p1, count);
+          IO::load(g + i, g0, g1, count);
+          SIO::load(m + i, m0, m1, count);
+          SIO::load(v + i, v0, v1, count);
+          if constexpr (amsgrad) SIO::load(vmax + i, x0, x1, count);
           adam_update<amsgrad>(p0, effective_grad(g0, scale_ptr, multiplier_ptr, maximize), m0, v0, x0, c);
           adam_update<amsgrad>(p1, effective_grad(g1, scale_ptr, multiplier_ptr, maximize), m1, v1, x1, c);
           const int64_t index = first_index + i;
-          store_param(p + i, pm != nullptr ? pm + i : nullptr, p0, p1, rounding, index);
-          store_rounded(m + i, m0, m1, rounding, index, 1);
-          store_rounded(v + i, v0, v1, rounding, index, 2);
-          if constexpr (amsgrad) store_rounded(vmax + i, x0, x1, rounding, index, 3);
-        }
-        for (; i < n; ++i) {  // tail: the same math on scalars
-          opmath_t ps = load_param_scalar<scalar_t, opmath_t>(p, pm, i);
-          opmath_t ms = m[i], vs = v[i], xs = amsgrad ? opmath_t(vmax[i]) : opmath_t(0);
-          adam_update<amsgrad>(ps, effective_grad(opmath_t(g[i]), scale_ptr, multiplier_ptr, maximize),
-                               ms, vs, xs, c);
-          const int64_t index = first_index + i;
-          store_param_scalar(p, pm, ps, rounding, index, i);
-          m[i] = round_scalar<state_t>(ms, rounding, index, 1);
-          v[i] = round_scalar<state_t>(vs, rounding, index, 2);
-          if constexpr (amsgrad) vmax[i] = round_scalar<state_t>(xs, rounding, index, 3);
+          store_param(p + i, pm != nullptr ? pm + i : nullptr, p0, p1, rounding, index, count);
+          store_rounded(m + i, m0, m1, rounding, index, 1, count);
+          store_rounded(v + i, v0, v1, rounding, index, 2, count);
+          if constexpr (amsgrad) store_rounded(vmax + i, x0, x1, rounding, index, 3, count);
         }
       });
     }
@@ -457,28 +429,19 @@ void sgd_kernel(scalar_t* param, float* master, state_t* momentum_buffer, const 
         scalar_t* p = param + first_index;
         float* pm = master != nullptr ? master + first_index : nullptr;
         state_t* buf = has_momentum ? momentum_buffer + first_index : nullptr;
-        int64_t i = 0;
-        for (; i + IO::kWidth <= n; i += IO::kWidth) {
+        for (int64_t i = 0; i < n; i += IO::kWidth) {
+          const int64_t count = std::min(IO::kWidth, n - i);  // [note: tails as vectors]
           Vec p0, p1, g0, g1, b0, b1;
-          load_param(p + i, pm != nullptr ? pm + i : nullptr, p0, p1);
-          IO::load(g + i, g0, g1);
-          if constexpr (has_momentum) SIO::load(buf + i, b0, b1);
+          load_param(p + i, pm != nullptr ? pm + i : nullptr, p0, p1, count);
+          IO::load(g + i, g0, g1, count);
+          if constexpr (has_momentum) SIO::load(buf + i, b0, b1, count);
           sgd_update<has_momentum, nesterov>(p0, effective_grad(g0, scale_ptr, multiplier_ptr, maximize),
                                              b0, first_time, c);
           sgd_update<has_momentum, nesterov>(p1, effective_grad(g1, scale_ptr, multiplier_ptr, maximize),
                                              b1, first_time, c);
           const int64_t index = first_index + i;
-          store_param(p + i, pm != nullptr ? pm + i : nullptr, p0, p1, rounding, index);
-          if constexpr (has_momentum) store_rounded(buf + i, b0, b1, rounding, index, 1);
-        }
-        for (; i < n; ++i) {
-          opmath_t ps = load_param_scalar<scalar_t, opmath_t>(p, pm, i);
-          opmath_t bs = has_momentum ? opmath_t(buf[i]) : opmath_t(0);
-          sgd_update<has_momentum, nesterov>(
-              ps, effective_grad(opmath_t(g[i]), scale_ptr, multiplier_ptr, maximize), bs, first_time, c);
-          const int64_t index = first_index + i;
-          store_param_scalar(p, pm, ps, rounding, index, i);
-          if constexpr (has_momentum) buf[i] = round_scalar<state_t>(bs, rounding, index, 1);
+          store_param(p + i, pm != nullptr ? pm + i : nullptr, p0, p1, rounding, index, count);
+          if constexpr (has_momentum) store_rounded(buf + i, b0, b1, rounding, index, 1, count);
         }
       });
     }
