@@ -411,3 +411,50 @@ def test_second_device_while_first_is_current():
     assert actual[0]["param"].device == torch.device("cuda:1") and norm.device == torch.device("cuda:1")
     assert_same_result(actual, expected)
     torch.testing.assert_close(norm.cpu(), ops.grad_norm(problem.cpu_grads(), problem.segments, 2.0), rtol=1e-6, atol=0)
+
+
+LOW_PRECISION_MODES = {
+    "bf16_state": (torch.float32, {"state_dtype": torch.bfloat16}),
+    "fp16_params_bf16_state": (torch.float16, {"state_dtype": torch.bfloat16}),
+    "master_weights": (torch.bfloat16, {"master_weights": True}),
+    "stochastic_rounding": (torch.bfloat16, {"stochastic_rounding": True}),
+}
+
+
+@pytest.mark.parametrize("mode", LOW_PRECISION_MODES)
+@pytest.mark.parametrize("algo", ["SGD", "AdamW"])
+def test_low_precision_modes_match_cpu(algo, mode):
+    """bf16 state, master weights and stochastic rounding on CUDA as on the CPU. Given the
+    same seed the random bits are the same (a counter-based hash of seed and element
+    index), so stochastic rounding differs only where the fp32 math itself does (FMA
+    contraction) and the rounding falls the other way: rarely, and by one bf16 ulp."""
+    dtype, options = LOW_PRECISION_MODES[mode]
+    hyper = {"lr": 0.05, "momentum": 0.9} if algo == "SGD" else {"lr": 1e-2, "weight_decay": 0.1}
+    generator = torch.Generator().manual_seed(0)
+    shapes = [s for s in SHAPES if 0 not in s]
+    cpu = [torch.randn(s, generator=generator).to(dtype).requires_grad_() for s in shapes]
+    gpu = [p.detach().cuda().requires_grad_() for p in cpu]
+    optimizers = [getattr(fusedopt, algo)(ps, **hyper, **options) for ps in (cpu, gpu)]
+    for step in range(3):
+        grads = [torch.randn(p.shape, generator=generator).to(dtype) for p in cpu]
+        for params, optimizer in zip((cpu, gpu), optimizers):
+            for p, g in zip(params, grads):
+                p.grad = g.to(p.device)
+            # The same seed on both devices (each would draw from its own generator).
+            optimizer._rounding_seed = lambda group, buf, step=step: (
+                torch.tensor([1234 + step]) if group["stochastic_rounding"] else None)
+            optimizer.step()
+    for i, (c, g) in enumerate(zip(cpu, gpu)):
+        pairs = [(g.detach(), c.detach(), f"param {i}")]
+        pairs += [(optimizers[1].state[g][k], optimizers[0].state[c][k], f"state[{i}][{k!r}]")
+                  for k in optimizers[0].state[c] if k != "step"]
+        for actual, expected, what in pairs:
+            assert actual.dtype == expected.dtype, what
+            if mode != "stochastic_rounding":
+                assert_close(actual, expected, what)
+                continue
+            actual, expected = actual.cpu().float(), expected.float()
+            same = (actual == expected).float().mean().item()
+            assert same > 0.98, f"{what}: only {same:.3f} of the elements round alike"
+            ulp = torch.finfo(torch.bfloat16).eps * expected.abs().clamp_min(1e-30)
+            assert ((actual - expected).abs() <= 2 * ulp).all(), what
