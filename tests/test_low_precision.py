@@ -331,11 +331,20 @@ def test_stochastic_rounding_is_unbiased_over_many_values_and_signs():
     stored = p.detach().float()
     assert ((stored == low) | (stored == high)).all(), "a stored value is not a neighbour of the fp32 result"
     ulp = (high - low).double()
-    moved = ulp > 0
+    moved = ulp != 0  # (signed: toward larger magnitude)
     error = ((stored - fp32.detach()).double()[moved] / ulp[moved])  # in ulps, in [-1, 1]
     assert abs(error.mean().item()) < 5 * 0.5 / moved.sum().item() ** 0.5, f"mean error {error.mean()} ulp"
-    nearest = fp32.detach().bfloat16().float()
-    assert not torch.equal(stored, nearest), "stochastic rounding rounded every value to nearest"
+    # Calibrated, not just unbiased on average (rounding to nearest is that too): values a
+    # fraction f of the way up round up with probability f, in every tenth of the ulp.
+    fraction = (fp32.detach() - low).double()[moved] / ulp[moved]
+    up = (stored.double() == high.double())[moved]
+    for tenth in range(10):
+        in_bin = (fraction >= tenth / 10) & (fraction < (tenth + 1) / 10)
+        expected, n = fraction[in_bin].mean().item(), int(in_bin.sum())
+        rate = up[in_bin].double().mean().item()
+        assert abs(rate - expected) < 5 * (expected * (1 - expected) / n) ** 0.5 + 1e-3, (
+            f"values {tenth / 10:.1f}-{(tenth + 1) / 10:.1f} ulp above the lower neighbour round up "
+            f"{rate:.3f} of the time, expected {expected:.3f}")
 
 
 def test_stochastic_rounding_is_reproducible_under_manual_seed_and_differs_across_seeds_and_steps():
