@@ -529,20 +529,21 @@ class FusedOptimizer(Optimizer):
         checkpoint group without fusedopt's low-precision options (one torch.optim
         saved) keeps this optimizer's."""
         saved_groups = state_dict["param_groups"]
-        saved_ids = [i for g in saved_groups for i in g["params"]]
-        kept_dtype = {(i, key): value for i, entry in state_dict["state"].items() if isinstance(entry, dict)
-                      for key, value in entry.items()
-                      if key != "step" and torch.is_tensor(value) and value.is_floating_point()}
+        # The saved ids name the current params in order, as torch.optim maps them.
+        param_of = dict(zip((i for g in saved_groups for i in g["params"]),
+                            (p for g in self.param_groups for p in g["params"])))
+        kept_dtype = [(param_of[i], key, value) for i, entry in state_dict["state"].items()
+                      if isinstance(entry, dict) and i in param_of for key, value in entry.items()
+                      if key != "step" and torch.is_tensor(value) and value.is_floating_point()
+                      and value.dtype != param_of[i].dtype]
         current = [{k: g[k] for k in LOW_PRECISION_DEFAULTS if k in g} for g in self.param_groups]
         super().load_state_dict(state_dict)
         for group, saved, options in zip(self.param_groups, saved_groups, current):
             for key, value in options.items():
                 if key not in saved:
                     group[key] = value
-        params = [p for g in self.param_groups for p in g["params"]]
-        for (i, key), value in kept_dtype.items():
-            p = params[saved_ids.index(i)] if i in saved_ids else None
-            entry = self.state.get(p) if p is not None else None
+        for p, key, value in kept_dtype:
+            entry = self.state.get(p)
             if entry is not None and torch.is_tensor(entry.get(key)) and entry[key].dtype != value.dtype:
                 entry[key] = value.detach().to(device=entry[key].device, copy=True)
         if self._tracks_public_state:
