@@ -210,12 +210,37 @@ C10_HOST_DEVICE inline U mix_bits(U x) {
   return x ^ shift_right_logical(x, 16);
 }
 
-// 16 random bits (in the low half) for stored value `slot` of element `index`: slot 0
-// is the param, 1.. the state buffers. Slots 2k and 2k+1 share one hash (its two halves).
+// The hash's input for element `index`: a Weyl sequence, so that a block of consecutive
+// elements is one broadcast plus constant lane offsets, without a multiplication.
+template <typename U>
+C10_HOST_DEVICE inline U rounding_counter(U index, uint32_t key) {
+  return index * U(0x9e3779b1u) + U(key);
+}
+
+// 32 random bits of element `index` for stored values 2 * pair and 2 * pair + 1 (slot 0
+// is the param, 1.. the state buffers); each takes one half (rounding_half). Pair 1's
+// bits are pair 0's times an odd constant: a bijection of uniform bits is uniform, so
+// each value's rounding stays unbiased, for one multiplication instead of a second hash.
+template <typename U>
+C10_HOST_DEVICE inline U rounding_hash_of_counter(U counter, int pair) {
+  const U hash = mix_bits(counter);
+  return pair == 0 ? hash : hash * U(0x2c1b3c6du);
+}
+
+template <typename U>
+C10_HOST_DEVICE inline U rounding_hash(U index, uint32_t key, int pair) {
+  return rounding_hash_of_counter(rounding_counter(index, key), pair);
+}
+
+template <typename U>
+C10_HOST_DEVICE inline U rounding_half(U hash, int slot) {
+  return (slot & 1) ? shift_right_logical(hash, 16) : (hash & U(0xffffu));
+}
+
+// 16 random bits (in the low half) for stored value `slot` of element `index`.
 template <typename U>
 C10_HOST_DEVICE inline U rounding_bits(U index, uint32_t key, int slot) {
-  const U hash = mix_bits(index * U(0x9e3779b1u) + U(key + static_cast<uint32_t>(slot >> 1) * 0x632be5abu));
-  return (slot & 1) ? shift_right_logical(hash, 16) : (hash & U(0xffffu));
+  return rounding_half(rounding_hash(index, key, slot >> 1), slot);
 }
 
 // The key of one step's random bits from the 64-bit seed drawn from torch's generator.

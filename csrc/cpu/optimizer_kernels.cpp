@@ -19,6 +19,7 @@
 #include <c10/util/SmallVector.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -74,7 +75,13 @@ inline Vectorized<float> bits_as_float(Bits bits) {
 
 template <>
 inline Bits shift_right_logical(Bits x, int bits) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return Bits(_mm512_srli_epi32(x, bits));
+#elif defined(CPU_CAPABILITY_AVX2)
+  return Bits(_mm256_srli_epi32(x, bits));
+#else
   return (x >> Bits(bits)) & Bits(static_cast<int32_t>(0xffffffffu >> bits));
+#endif
 }
 
 namespace {
@@ -88,7 +95,8 @@ struct VecIO {  // float, double: two plain vectors
   using opmath_t = scalar_t;
   using Vec = Vectorized<scalar_t>;
   static constexpr int64_t kWidth = 2 * Vec::size();
-  static void load(const scalar_t* ptr, Vec& lo, Vec& hi, int64_t count = kWidth) {
+  template <typename Count = std::integral_constant<int64_t, kWidth>>
+  static void load(const scalar_t* ptr, Vec& lo, Vec& hi, Count count = {}) {
     if (count == kWidth) {
       lo = Vec::loadu(ptr);
       hi = Vec::loadu(ptr + Vec::size());
@@ -97,7 +105,8 @@ struct VecIO {  // float, double: two plain vectors
     lo = Vec::loadu(ptr, std::min<int64_t>(count, Vec::size()));
     hi = count > Vec::size() ? Vec::loadu(ptr + Vec::size(), count - Vec::size()) : Vec(scalar_t(0));
   }
-  static void store(scalar_t* ptr, const Vec& lo, const Vec& hi, int64_t count = kWidth) {
+  template <typename Count = std::integral_constant<int64_t, kWidth>>
+  static void store(scalar_t* ptr, const Vec& lo, const Vec& hi, Count count = {}) {
     if (count == kWidth) {
       lo.store(ptr);
       hi.store(ptr + Vec::size());
@@ -113,11 +122,13 @@ struct VecIO<scalar_t, std::enable_if_t<at::vec::is_reduced_floating_point_v<sca
   using opmath_t = float;
   using Vec = Vectorized<float>;
   static constexpr int64_t kWidth = Vectorized<scalar_t>::size();
-  static void load(const scalar_t* ptr, Vec& lo, Vec& hi, int64_t count = kWidth) {
+  template <typename Count = std::integral_constant<int64_t, kWidth>>
+  static void load(const scalar_t* ptr, Vec& lo, Vec& hi, Count count = {}) {
     const auto loaded = count == kWidth ? Vectorized<scalar_t>::loadu(ptr) : Vectorized<scalar_t>::loadu(ptr, count);
     std::tie(lo, hi) = at::vec::convert_to_float<scalar_t>(loaded);
   }
-  static void store(scalar_t* ptr, const Vec& lo, const Vec& hi, int64_t count = kWidth) {
+  template <typename Count = std::integral_constant<int64_t, kWidth>>
+  static void store(scalar_t* ptr, const Vec& lo, const Vec& hi, Count count = {}) {
     if (count == kWidth) at::vec::convert_from_float<scalar_t>(lo, hi).store(ptr);
     else at::vec::convert_from_float<scalar_t>(lo, hi).store(ptr, count);
   }
@@ -298,26 +309,75 @@ struct Rounding {
   uint32_t key;
 };
 
-// Stores kWidth opmath values at ptr as storage type T, rounding as asked. `index` is
-// the flat-buffer index of the first one (the counter of the random bits).
-template <typename T, typename Vec>
-inline void store_rounded(T* ptr, Vec lo, Vec hi, const Rounding& rounding, int64_t index, int slot,
-                          int64_t count) {
+// The random bits of one block of kWidth elements (two vectors) for up to four stored
+// values: one hash per pair of values (optimizer_math.h's rounding_hash), computed once.
+struct BlockBits {
+  Bits lo[2], hi[2];  // [pair]
+
+  BlockBits(const Rounding& rounding, int64_t index, int pairs) {
+    // rounding_counter of lanes 0..n-1, relative to the block's first element.
+    alignas(64) static const std::array<int32_t, 32> kLaneCounters = [] {
+      std::array<int32_t, 32> lanes{};
+      for (uint32_t lane = 0; lane < 32; ++lane) lanes[lane] = static_cast<int32_t>(lane * 0x9e3779b1u);
+      return lanes;
+    }();
+    static_assert(2 * Bits::size() <= 32);
+    const Bits base(static_cast<int32_t>(rounding_counter(static_cast<uint32_t>(index), rounding.key)));
+    const Bits first = base + Bits::loadu(kLaneCounters.data());
+    const Bits second = base + Bits::loadu(kLaneCounters.data() + Bits::size());
+    const Bits hash_lo = mix_bits(first), hash_hi = mix_bits(second);
+    lo[0] = hash_lo;
+    hi[0] = hash_hi;
+    if (pairs > 1) {  // rounding_hash_of_counter(counter, 1)
+      lo[1] = hash_lo * Bits(static_cast<int32_t>(0x2c1b3c6du));
+      hi[1] = hash_hi * Bits(static_cast<int32_t>(0x2c1b3c6du));
+    }
+  }
+};
+
+// Stores kWidth opmath values (count of them) at ptr as storage type T, rounding
+// stochastically with `bits` (value `slot`'s half of them) when given.
+template <typename T, typename Vec, typename Count>
+inline void store_rounded(T* ptr, Vec lo, Vec hi, const BlockBits* bits, int slot, Count count) {
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    if (rounding.stochastic) {
-      const Bits first = Bits::arange(static_cast<int32_t>(static_cast<uint32_t>(index)), 1);
-      const Bits second = first + Bits(static_cast<int32_t>(Vec::size()));
-      lo = round_stochastic_to_bfloat16(lo, rounding_bits(first, rounding.key, slot));
-      hi = round_stochastic_to_bfloat16(hi, rounding_bits(second, rounding.key, slot));
+    if (bits != nullptr) {
+      const Bits random_lo = rounding_half(bits->lo[slot >> 1], slot);
+      const Bits random_hi = rounding_half(bits->hi[slot >> 1], slot);
+#if defined(CPU_CAPABILITY_AVX512)
+      // round_stochastic_to_bfloat16, with its truncation done by taking the high half
+      // (the general path would round the already-rounded value to nearest once more).
+      auto high_half = [](Vec x, Bits random) {
+        const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(float_bits(x), random), 16);
+        const __mmask16 is_number = _mm512_cmp_ps_mask(x, x, _CMP_ORD_Q);
+        return _mm512_mask_blend_epi32(is_number, _mm512_set1_epi32(0xffff), rounded);  // NaN as at::vec
+      };
+      const __m512i packed = _mm512_permutexvar_epi64(_mm512_set_epi64(7, 5, 3, 1, 6, 4, 2, 0),
+                                                      _mm512_packus_epi32(high_half(lo, random_lo),
+                                                                          high_half(hi, random_hi)));
+      if (count == VecIO<T>::kWidth) {
+        _mm512_storeu_si512(ptr, packed);
+      } else {
+        _mm512_mask_storeu_epi16(ptr, (__mmask32)((1ull << count) - 1), packed);
+      }
+      return;
+#else
+      lo = round_stochastic_to_bfloat16(lo, random_lo);
+      hi = round_stochastic_to_bfloat16(hi, random_hi);
+#endif
     }
   }
   VecIO<T>::store(ptr, lo, hi, count);
 }
 
+// Whether any store of these dtypes can round stochastically (only bfloat16 ones do).
+template <typename scalar_t, typename state_t>
+constexpr bool kMayRoundStochastically =
+    std::is_same_v<scalar_t, c10::BFloat16> || std::is_same_v<state_t, c10::BFloat16>;
+
 // The param as the update sees it: its value, or with master weights the fp32 master,
 // unless the param was changed behind it ([note: master weights follow the param]).
-template <typename scalar_t, typename Vec>
-inline void load_param(const scalar_t* param, const float* master, Vec& lo, Vec& hi, int64_t count) {
+template <typename scalar_t, typename Vec, typename Count>
+inline void load_param(const scalar_t* param, const float* master, Vec& lo, Vec& hi, Count count) {
   VecIO<scalar_t>::load(param, lo, hi, count);
   if constexpr (at::vec::is_reduced_floating_point_v<scalar_t>) {
     if (master != nullptr) {
@@ -333,9 +393,8 @@ inline void load_param(const scalar_t* param, const float* master, Vec& lo, Vec&
 
 // Stores the updated param: into the master and its rounding (to nearest even) into
 // the param, or into the param rounded as asked.
-template <typename scalar_t, typename Vec>
-inline void store_param(scalar_t* param, float* master, Vec lo, Vec hi, const Rounding& rounding,
-                        int64_t index, int64_t count) {
+template <typename scalar_t, typename Vec, typename Count>
+inline void store_param(scalar_t* param, float* master, Vec lo, Vec hi, const BlockBits* bits, Count count) {
   if constexpr (at::vec::is_reduced_floating_point_v<scalar_t>) {
     if (master != nullptr) {
       VecIO<float>::store(master, lo, hi, count);
@@ -343,7 +402,16 @@ inline void store_param(scalar_t* param, float* master, Vec lo, Vec hi, const Ro
       return;
     }
   }
-  store_rounded(param, lo, hi, rounding, index, 0, count);
+  store_rounded(param, lo, hi, bits, 0, count);
+}
+
+// Calls block(i, count) over [0, n) in blocks of kWidth: full blocks with a count the
+// compiler sees as constant, then a partial one ([note: tails as vectors]).
+template <int64_t kWidth, typename Block>
+inline void for_each_block(int64_t n, const Block& block) {
+  int64_t i = 0;
+  for (; i + kWidth <= n; i += kWidth) block(i, std::integral_constant<int64_t, kWidth>{});
+  if (i < n) block(i, n - i);
 }
 
 // Adam over the work items. Params are scalar_t (with an optional float32 master
@@ -380,8 +448,7 @@ void adam_kernel(scalar_t* param, float* master, state_t* exp_avg, state_t* exp_
         state_t* m = exp_avg + first_index;
         state_t* v = exp_avg_sq + first_index;
         state_t* vmax = amsgrad ? max_exp_avg_sq + first_index : nullptr;
-        for (int64_t i = 0; i < n; i += IO::kWidth) {
-          const int64_t count = std::min(IO::kWidth, n - i);  // [note: tails as vectors]
+        for_each_block<IO::kWidth>(n, [&](int64_t i, auto count) {
           Vec p0, p1, g0, g1, m0, m1, v0, v1, x0, x1;
           load_param(p + i, pm != nullptr ? pm + i : nullptr, p0, p1, count);
           IO::load(g + i, g0, g1, count);
@@ -390,12 +457,19 @@ void adam_kernel(scalar_t* param, float* master, state_t* exp_avg, state_t* exp_
           if constexpr (amsgrad) SIO::load(vmax + i, x0, x1, count);
           adam_update<amsgrad>(p0, effective_grad(g0, scale_ptr, multiplier_ptr, maximize), m0, v0, x0, c);
           adam_update<amsgrad>(p1, effective_grad(g1, scale_ptr, multiplier_ptr, maximize), m1, v1, x1, c);
-          const int64_t index = first_index + i;
-          store_param(p + i, pm != nullptr ? pm + i : nullptr, p0, p1, rounding, index, count);
-          store_rounded(m + i, m0, m1, rounding, index, 1, count);
-          store_rounded(v + i, v0, v1, rounding, index, 2, count);
-          if constexpr (amsgrad) store_rounded(vmax + i, x0, x1, rounding, index, 3, count);
-        }
+          auto store = [&](const BlockBits* bits) {
+            store_param(p + i, pm != nullptr ? pm + i : nullptr, p0, p1, bits, count);
+            store_rounded(m + i, m0, m1, bits, 1, count);
+            store_rounded(v + i, v0, v1, bits, 2, count);
+            if constexpr (amsgrad) store_rounded(vmax + i, x0, x1, bits, 3, count);
+          };
+          if (kMayRoundStochastically<scalar_t, state_t> && rounding.stochastic) {
+            const BlockBits bits(rounding, first_index + i, 2);  // (param, m), (v, vmax)
+            store(&bits);
+          } else {
+            store(nullptr);
+          }
+        });
       });
     }
   });
@@ -429,8 +503,7 @@ void sgd_kernel(scalar_t* param, float* master, state_t* momentum_buffer, const 
         scalar_t* p = param + first_index;
         float* pm = master != nullptr ? master + first_index : nullptr;
         state_t* buf = has_momentum ? momentum_buffer + first_index : nullptr;
-        for (int64_t i = 0; i < n; i += IO::kWidth) {
-          const int64_t count = std::min(IO::kWidth, n - i);  // [note: tails as vectors]
+        for_each_block<IO::kWidth>(n, [&](int64_t i, auto count) {
           Vec p0, p1, g0, g1, b0, b1;
           load_param(p + i, pm != nullptr ? pm + i : nullptr, p0, p1, count);
           IO::load(g + i, g0, g1, count);
@@ -439,10 +512,17 @@ void sgd_kernel(scalar_t* param, float* master, state_t* momentum_buffer, const 
                                              b0, first_time, c);
           sgd_update<has_momentum, nesterov>(p1, effective_grad(g1, scale_ptr, multiplier_ptr, maximize),
                                              b1, first_time, c);
-          const int64_t index = first_index + i;
-          store_param(p + i, pm != nullptr ? pm + i : nullptr, p0, p1, rounding, index, count);
-          if constexpr (has_momentum) store_rounded(buf + i, b0, b1, rounding, index, 1, count);
-        }
+          auto store = [&](const BlockBits* bits) {
+            store_param(p + i, pm != nullptr ? pm + i : nullptr, p0, p1, bits, count);
+            if constexpr (has_momentum) store_rounded(buf + i, b0, b1, bits, 1, count);
+          };
+          if (kMayRoundStochastically<scalar_t, state_t> && rounding.stochastic) {
+            const BlockBits bits(rounding, first_index + i, 1);
+            store(&bits);
+          } else {
+            store(nullptr);
+          }
+        });
       });
     }
   });
