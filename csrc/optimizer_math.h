@@ -195,7 +195,7 @@ C10_HOST_DEVICE inline void sgd_update(T& param, T grad, T& momentum_buffer,
 // stored value is the exact one and small updates accumulate on average.
 
 // [note: random bits] Stochastic rounding draws its bits from a counter-based hash of
-// (key, element index, slot) rather than a sequential generator, so every element can
+// (key, element index, slot; see rounding_pair_hash) rather than a sequential generator, so every element can
 // be rounded independently by any thread, and the CPU and CUDA kernels round alike for
 // the same key and layout. The key is drawn from torch's generator once per step; the
 // index is the element's position in the flat buffer (modulo 2**32). The mixer is
@@ -217,30 +217,26 @@ C10_HOST_DEVICE inline U rounding_counter(U index, uint32_t key) {
   return index * U(0x9e3779b1u) + U(key);
 }
 
-// 32 random bits of element `index` for stored values 2 * pair and 2 * pair + 1 (slot 0
-// is the param, 1.. the state buffers); each takes one half (rounding_half). Pair 1's
-// bits are pair 0's times an odd constant: a bijection of uniform bits is uniform, so
-// each value's rounding stays unbiased, for one multiplication instead of a second hash.
+// Stored value `slot` of an element (0: the param, 1..: the state buffers) rounds with
+// rounding_half(rounding_pair_hash(rounding_element_hash(index, key), slot / 2), slot):
+// slots 2k and 2k+1 take the two halves of pair k's 32 bits. Pair 1's bits are pair 0's
+// times an odd constant: a bijection of uniform bits is uniform, so each value's
+// rounding stays unbiased, for one multiplication instead of a second hash.
 template <typename U>
-C10_HOST_DEVICE inline U rounding_hash_of_counter(U counter, int pair) {
-  const U hash = mix_bits(counter);
-  return pair == 0 ? hash : hash * U(0x2c1b3c6du);
+C10_HOST_DEVICE inline U rounding_pair_hash(U element_hash, int pair) {
+  return pair == 0 ? element_hash : element_hash * U(0x2c1b3c6du);
 }
 
+// The element's hash: computed once per element, shared by all its stored values.
 template <typename U>
-C10_HOST_DEVICE inline U rounding_hash(U index, uint32_t key, int pair) {
-  return rounding_hash_of_counter(rounding_counter(index, key), pair);
+C10_HOST_DEVICE inline U rounding_element_hash(U index, uint32_t key) {
+  return mix_bits(rounding_counter(index, key));
 }
 
+// Slot's 16 bits (in the low half) of its pair's hash.
 template <typename U>
 C10_HOST_DEVICE inline U rounding_half(U hash, int slot) {
   return (slot & 1) ? shift_right_logical(hash, 16) : (hash & U(0xffffu));
-}
-
-// 16 random bits (in the low half) for stored value `slot` of element `index`.
-template <typename U>
-C10_HOST_DEVICE inline U rounding_bits(U index, uint32_t key, int slot) {
-  return rounding_half(rounding_hash(index, key, slot >> 1), slot);
 }
 
 // The key of one step's random bits from the 64-bit seed drawn from torch's generator.

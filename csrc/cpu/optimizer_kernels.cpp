@@ -328,9 +328,9 @@ struct BlockBits {
     const Bits hash_lo = mix_bits(first), hash_hi = mix_bits(second);
     lo[0] = hash_lo;
     hi[0] = hash_hi;
-    if (pairs > 1) {  // rounding_hash_of_counter(counter, 1)
-      lo[1] = hash_lo * Bits(static_cast<int32_t>(0x2c1b3c6du));
-      hi[1] = hash_hi * Bits(static_cast<int32_t>(0x2c1b3c6du));
+    if (pairs > 1) {
+      lo[1] = rounding_pair_hash(hash_lo, 1);
+      hi[1] = rounding_pair_hash(hash_hi, 1);
     }
   }
 };

@@ -246,12 +246,12 @@ C10_DEVICE inline bool is_aligned_for(const T* ptr) {
 }
 
 // An opmath value as storage type T: to nearest even, or stochastically for bfloat16
-// when asked (`index`: the element's flat-buffer index, `slot`: which buffer).
+// when asked, with the element's hash (rounding_element_hash; `slot`: which buffer).
 template <typename T, typename opmath_t>
-C10_DEVICE inline T stored_as(opmath_t value, bool stochastic, uint32_t key, int64_t index, int slot) {
+C10_DEVICE inline T stored_as(opmath_t value, bool stochastic, uint32_t element_hash, int slot) {
   if constexpr (std::is_same_v<T, c10::BFloat16> && std::is_same_v<opmath_t, float>) {
     if (stochastic)
-      value = round_stochastic_to_bfloat16(value, rounding_bits(static_cast<uint32_t>(index), key, slot));
+      value = round_stochastic_to_bfloat16(value, rounding_half(rounding_pair_hash(element_hash, slot >> 1), slot));
   }
   return static_cast<T>(value);
 }
@@ -316,7 +316,8 @@ C10_DEVICE inline void update_row_elements(const RowState<scalar_t, state_t, kSt
       }
 #pragma unroll
       for (int k = 0; k < kVec; ++k) {
-        const int64_t index = flat_offset + j + k;
+        const uint32_t hash =
+            stochastic ? rounding_element_hash(static_cast<uint32_t>(flat_offset + j + k), key) : 0u;
         opmath_t p = param_value<scalar_t, kMaster, opmath_t>(params.v[k], kMaster ? masters.v[k] : 0.0f);
         opmath_t values[kStates > 0 ? kStates : 1];
 #pragma unroll
@@ -326,10 +327,10 @@ C10_DEVICE inline void update_row_elements(const RowState<scalar_t, state_t, kSt
           masters.v[k] = static_cast<float>(p);
           params.v[k] = static_cast<scalar_t>(p);
         } else {
-          params.v[k] = stored_as<scalar_t>(p, stochastic, key, index, 0);
+          params.v[k] = stored_as<scalar_t>(p, stochastic, hash, 0);
         }
 #pragma unroll
-        for (int s = 0; s < kStates; ++s) states[s].v[k] = stored_as<state_t>(values[s], stochastic, key, index, 1 + s);
+        for (int s = 0; s < kStates; ++s) states[s].v[k] = stored_as<state_t>(values[s], stochastic, hash, 1 + s);
       }
       *reinterpret_cast<PackOf<scalar_t, kVec>*>(row.param + j) = params;
       if constexpr (kMaster) *reinterpret_cast<PackOf<float, kVec>*>(row.master + j) = masters;
@@ -341,7 +342,7 @@ C10_DEVICE inline void update_row_elements(const RowState<scalar_t, state_t, kSt
     scalar_t* element = grad.data + grad.offset(j);
     const opmath_t g = static_cast<opmath_t>(*element);
     if (zero_grads) *element = scalar_t(0);
-    const int64_t index = flat_offset + j;
+    const uint32_t hash = stochastic ? rounding_element_hash(static_cast<uint32_t>(flat_offset + j), key) : 0u;
     opmath_t p = param_value<scalar_t, kMaster, opmath_t>(row.param[j], kMaster ? row.master[j] : 0.0f);
     opmath_t values[kStates > 0 ? kStates : 1];
 #pragma unroll
@@ -351,10 +352,10 @@ C10_DEVICE inline void update_row_elements(const RowState<scalar_t, state_t, kSt
       row.master[j] = static_cast<float>(p);
       row.param[j] = static_cast<scalar_t>(p);
     } else {
-      row.param[j] = stored_as<scalar_t>(p, stochastic, key, index, 0);
+      row.param[j] = stored_as<scalar_t>(p, stochastic, hash, 0);
     }
 #pragma unroll
-    for (int s = 0; s < kStates; ++s) row.state[s][j] = stored_as<state_t>(values[s], stochastic, key, index, 1 + s);
+    for (int s = 0; s < kStates; ++s) row.state[s][j] = stored_as<state_t>(values[s], stochastic, hash, 1 + s);
   }
 }
 
