@@ -260,7 +260,6 @@ at::ScalarType check_state_dtype(const at::Tensor& state, const at::Tensor& para
   return dtype;
 }
 
-
 // Validates the segments/grads contract of segment_table.h. Returns whether the grads
 // are one flat buffer.
 bool check_segments_and_grads(const at::Tensor& param, const at::Tensor& step,
@@ -310,7 +309,7 @@ struct Rounding {
 };
 
 // The random bits of one block of kWidth elements (two vectors) for up to four stored
-// values: one hash per pair of values (optimizer_math.h's rounding_hash), computed once.
+// values: the element hash once, then each pair's (optimizer_math.h, [note: random bits]).
 struct BlockBits {
   Bits lo[2], hi[2];  // [pair]
 
