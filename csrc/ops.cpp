@@ -17,19 +17,28 @@ TORCH_LIBRARY(fusedopt, m) {
   // are still zeroed). grad_scale divides and grad_multiplier (a clip coefficient)
   // multiplies the grad before the update; zero_grads writes zeros over the grads
   // that were read.
+  //
+  // Low-precision storage (both step ops; optimizer_math.h, [note: rounding on store]):
+  // the state buffers are of the param's dtype or, for float32/bfloat16/float16 params,
+  // of any of those three; the math is in opmath either way. master_param (float32,
+  // for bfloat16/float16 params) is what the update acts on, and the param is stored
+  // as its rounding to nearest. rounding_seed (one int64, without master_param) makes
+  // every bfloat16 store round stochastically with bits derived from it.
   m.def(
       "adam_step_(Tensor(a!) param, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, "
       "Tensor(d!)? max_exp_avg_sq, Tensor(e!) step, Tensor(f!)[] grads, Tensor segments, "
       "float lr, Tensor? scheduled, float beta1, float beta2, float weight_decay, float eps, "
       "bool decoupled_weight_decay, bool maximize, Tensor? grad_scale, Tensor? found_inf, "
-      "Tensor? grad_multiplier, bool zero_grads) -> ()");
+      "Tensor? grad_multiplier, bool zero_grads, Tensor(g!)? master_param=None, "
+      "Tensor? rounding_seed=None) -> ()");
   // SGD over one flat buffer. Momentum iff momentum_buffer is given; `step` counts
   // each parameter's steps with momentum, so a first one (step == 0) starts the buffer.
   m.def(
       "sgd_step_(Tensor(a!) param, Tensor(b!)? momentum_buffer, Tensor(c!) step, "
       "Tensor(d!)[] grads, Tensor segments, float lr, Tensor? scheduled, float momentum, "
       "float dampening, float weight_decay, bool nesterov, bool maximize, "
-      "Tensor? grad_scale, Tensor? found_inf, Tensor? grad_multiplier, bool zero_grads) -> ()");
+      "Tensor? grad_scale, Tensor? found_inf, Tensor? grad_multiplier, bool zero_grads, "
+      "Tensor(e!)? master_param=None, Tensor? rounding_seed=None) -> ()");
   // The norm_type-norm of all grads named by `segments` (same grads contract as the
   // steps), as a 0-dim tensor in opmath (float32; float64 for float64 grads). inf or
   // nan in any grad makes the result non-finite.

@@ -14,6 +14,7 @@
 #include <c10/macros/Macros.h>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 namespace fusedopt {
 
@@ -22,6 +23,51 @@ namespace fusedopt {
 template <typename T>
 C10_HOST_DEVICE inline T opmath_sqrt(T x) {
   return ::sqrt(x);
+}
+
+// x where a == b, else y (elementwise; a NaN compares unequal).
+template <typename T>
+C10_HOST_DEVICE inline T select_where_equal(T a, T b, T x, T y) {
+  return a == b ? x : y;
+}
+
+// The bits of a float as an unsigned integer, and back. The CPU kernel specialises them
+// (and the traits naming their types) for SIMD vectors, whose integer type is
+// at::vec::Vectorized<int32_t>.
+template <typename F>
+struct BitsOf {
+  using type = uint32_t;
+};
+template <typename U>
+struct FloatOf {
+  using type = float;
+};
+
+template <typename F>
+C10_HOST_DEVICE inline typename BitsOf<F>::type float_bits(F x) {
+#ifdef __CUDA_ARCH__
+  return __float_as_uint(x);
+#else
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof(bits));
+  return bits;
+#endif
+}
+
+template <typename U>
+C10_HOST_DEVICE inline typename FloatOf<U>::type bits_as_float(U bits) {
+#ifdef __CUDA_ARCH__
+  return __uint_as_float(bits);
+#else
+  float x;
+  std::memcpy(&x, &bits, sizeof(x));
+  return x;
+#endif
+}
+
+template <typename U>
+C10_HOST_DEVICE inline U shift_right_logical(U x, int bits) {
+  return x >> bits;
 }
 
 // torch.maximum semantics: NaN in either input propagates.
@@ -135,6 +181,90 @@ C10_HOST_DEVICE inline void sgd_update(T& param, T grad, T& momentum_buffer,
     grad = nesterov ? grad + T(c.momentum) * momentum_buffer : momentum_buffer;
   }
   param = param - T(c.lr) * grad;
+}
+
+// ---------------------------------------------------------------------------------
+// Low-precision storage: the update is computed in opmath as above; only the store
+// differs.
+//
+// [note: rounding on store] By default a value is stored with the conversion of its
+// storage dtype, round-to-nearest-even, as torch's `.to(dtype)`: a bf16 moment is then
+// exactly "fp32 math, round the state after each step". A bf16 param updated by steps
+// smaller than half its ulp never moves under that rounding; stochastic rounding rounds
+// up with probability equal to the distance from the lower neighbour, so the expected
+// stored value is the exact one and small updates accumulate on average.
+
+// [note: random bits] Stochastic rounding draws its bits from a counter-based hash of
+// (key, element index, slot; see rounding_pair_hash) rather than a sequential generator, so every element can
+// be rounded independently by any thread, and the CPU and CUDA kernels round alike for
+// the same key and layout. The key is drawn from torch's generator once per step; the
+// index is the element's position in the flat buffer (modulo 2**32). The mixer is
+// Wellons' lowbias32 (an avalanche-tested 32-bit integer hash). `U` is uint32_t or, on
+// the CPU's SIMD path, at::vec::Vectorized<int32_t> (wrapping arithmetic either way).
+template <typename U>
+C10_HOST_DEVICE inline U mix_bits(U x) {
+  x = x ^ shift_right_logical(x, 16);
+  x = x * U(0x7feb352du);
+  x = x ^ shift_right_logical(x, 15);
+  x = x * U(0x846ca68bu);
+  return x ^ shift_right_logical(x, 16);
+}
+
+// The hash's input for element `index`: a Weyl sequence, so that a block of consecutive
+// elements is one broadcast plus constant lane offsets, without a multiplication.
+template <typename U>
+C10_HOST_DEVICE inline U rounding_counter(U index, uint32_t key) {
+  return index * U(0x9e3779b1u) + U(key);
+}
+
+// Stored value `slot` of an element (0: the param, 1..: the state buffers) rounds with
+// rounding_half(rounding_pair_hash(rounding_element_hash(index, key), slot / 2), slot):
+// slots 2k and 2k+1 take the two halves of pair k's 32 bits. Pair 1's bits are pair 0's
+// times an odd constant: a bijection of uniform bits is uniform, so each value's
+// rounding stays unbiased, for one multiplication instead of a second hash.
+template <typename U>
+C10_HOST_DEVICE inline U rounding_pair_hash(U element_hash, int pair) {
+  return pair == 0 ? element_hash : element_hash * U(0x2c1b3c6du);
+}
+
+// The element's hash: computed once per element, shared by all its stored values.
+template <typename U>
+C10_HOST_DEVICE inline U rounding_element_hash(U index, uint32_t key) {
+  return mix_bits(rounding_counter(index, key));
+}
+
+// Slot's 16 bits (in the low half) of its pair's hash.
+template <typename U>
+C10_HOST_DEVICE inline U rounding_half(U hash, int slot) {
+  return (slot & 1) ? shift_right_logical(hash, 16) : (hash & U(0xffffu));
+}
+
+// The key of one step's random bits from the 64-bit seed drawn from torch's generator.
+C10_HOST_DEVICE inline uint32_t rounding_key(int64_t seed) {
+  const uint64_t bits = static_cast<uint64_t>(seed);
+  return static_cast<uint32_t>(bits) ^ mix_bits(static_cast<uint32_t>(bits >> 32));
+}
+
+// Rounds float `x` stochastically onto the bfloat16 grid (the result is exactly
+// representable in bfloat16, so the store's own conversion keeps it): adding 16 random
+// bits below bf16's last mantissa bit and truncating rounds the magnitude up with
+// probability equal to the dropped fraction, which is unbiased (torchao's
+// bf16_stochastic_round does the same). NaN is kept as is (a carry out of a NaN's
+// mantissa could reach the sign bit); inf stays inf.
+template <typename F, typename U>
+C10_HOST_DEVICE inline F round_stochastic_to_bfloat16(F x, U random16) {
+  const F rounded = bits_as_float((float_bits(x) + random16) & U(0xffff0000u));
+  return select_where_equal(x, x, rounded, x);
+}
+
+// [note: master weights follow the param] With master weights the fp32 master copy is
+// fusedopt's cache of a bf16/fp16 param, and the param is the truth: an element whose
+// param no longer equals the master's rounding (the user wrote to the param: a model
+// load, an init, `p.data.copy_`) restarts from the param's value. A zeroed master slot
+// is therefore also a fresh one.
+template <typename T>
+C10_HOST_DEVICE inline T master_or_param(T master, T master_rounded, T param) {
+  return select_where_equal(master_rounded, param, master, param);
 }
 
 }  // namespace fusedopt

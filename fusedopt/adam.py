@@ -4,13 +4,20 @@ from __future__ import annotations
 import torch
 
 from . import ops
-from .optimizer import FusedOptimizer, hyperparameter, reject_differentiable
+from .optimizer import MASTER_KEY, FusedOptimizer, hyperparameter, reject_differentiable
 
 
 class Adam(FusedOptimizer):
     """Drop-in for ``torch.optim.Adam``. ``foreach``, ``fused`` and ``capturable`` are
     accepted (and recorded in param_groups, as torch does) so existing code runs; the
-    step is always fusedopt's fused kernel."""
+    step is always fusedopt's fused kernel.
+
+    Fewer bytes per parameter (all off by default, param-group options like ``lr``):
+    ``state_dtype`` (torch.bfloat16 or torch.float16) stores the moments in that dtype,
+    each update computed in float32 and rounded to nearest; ``master_weights=True``
+    keeps a float32 copy of bf16/fp16 params in ``state[p]["master_param"]``, updates it
+    and stores its rounding in the param; ``stochastic_rounding=True`` rounds bf16
+    params (and bf16 moments) stochastically, from torch's random generator."""
 
     _state_keys = ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
     _keys_required_on_load = ("step",)  # torch.optim.Adam.__setstate__ reads it
@@ -18,7 +25,8 @@ class Adam(FusedOptimizer):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, amsgrad=False,
                  *, foreach=None, maximize=False, capturable=False, differentiable=False, fused=None,
-                 decoupled_weight_decay=False):
+                 decoupled_weight_decay=False, state_dtype=None, master_weights=False,
+                 stochastic_rounding=False):
         if isinstance(lr, torch.Tensor) and lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
         if not 0.0 <= lr:
@@ -41,7 +49,8 @@ class Adam(FusedOptimizer):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                         maximize=maximize, foreach=foreach, capturable=capturable,
                         differentiable=differentiable, fused=fused,
-                        decoupled_weight_decay=decoupled_weight_decay)
+                        decoupled_weight_decay=decoupled_weight_decay, state_dtype=state_dtype,
+                        master_weights=master_weights, stochastic_rounding=stochastic_rounding)
         super().__init__(params, defaults)
 
     def __setstate__(self, state):
@@ -55,7 +64,7 @@ class Adam(FusedOptimizer):
             group.setdefault("decoupled_weight_decay", False)
             group.setdefault("fused", None)
 
-    def _group_state_keys(self, group):
+    def _algorithm_state_keys(self, group):
         return self._state_keys if group["amsgrad"] else self._state_keys[:3]
 
     def _keys_required_in_state(self, keys):
@@ -67,23 +76,27 @@ class Adam(FusedOptimizer):
 
     def _update_buffer(self, group, buf, segments, grads, transform):
         (lr, beta1, beta2), scheduled = self._scheduled_arguments(group, buf.device)
+        self._set_state_dtypes(group, buf)
         ops.adam_step_(
             buf.data, buf.state_buffer("exp_avg"), buf.state_buffer("exp_avg_sq"),
             buf.state_buffer("max_exp_avg_sq") if group["amsgrad"] else None, buf.step, grads, segments,
             lr, scheduled, beta1, beta2,
             hyperparameter(group["weight_decay"]), group["eps"], group["decoupled_weight_decay"],
             group["maximize"], transform.grad_scale, transform.found_inf, transform.grad_multiplier,
-            transform.zero_grads)
+            transform.zero_grads, buf.state_buffer(MASTER_KEY) if group["master_weights"] else None,
+            self._rounding_seed(group, buf))
 
 
 class AdamW(Adam):
     """Drop-in for ``torch.optim.AdamW``: Adam with decoupled weight decay (default 1e-2)."""
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False,
-                 *, maximize=False, foreach=None, capturable=False, differentiable=False, fused=None):
+                 *, maximize=False, foreach=None, capturable=False, differentiable=False, fused=None,
+                 state_dtype=None, master_weights=False, stochastic_rounding=False):
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize,
                          capturable=capturable, differentiable=differentiable, fused=fused,
-                         decoupled_weight_decay=True)
+                         decoupled_weight_decay=True, state_dtype=state_dtype, master_weights=master_weights,
+                         stochastic_rounding=stochastic_rounding)
 
     def __setstate__(self, state):
         super().__setstate__(state)

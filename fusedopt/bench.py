@@ -4,6 +4,7 @@ fused steps (and, on CUDA, a torch.compile'd step), all in one run.
     python -m fusedopt.bench --quick
     fusedopt-bench --models gpt2-small,resnet50 --algos adamw --dtype bfloat16 --out bench-out
     fusedopt-bench --contention 1 --models gpt2-small --algos adamw   # under load, on purpose
+    fusedopt-bench --low-precision --models gpt2-small --algos adamw  # bf16 state, stochastic rounding
 
 Models are parameter *shapes* only (plain tensors, no download) with random grads, so a
 timed step is the optimizer's work and nothing else. Implementations are timed
@@ -147,6 +148,8 @@ class Peer:
 TORCH_FUSED = "torch fused"
 FUSEDOPT = "fusedopt"
 FUSEDOPT_FLAT = "fusedopt (flat grads)"
+FUSEDOPT_BF16_STATE = "fusedopt, bf16 state"
+FUSEDOPT_BF16_SR = "fusedopt, bf16 + stochastic rounding"
 TORCH_PEERS = [
     Peer("torch for-loop", {"foreach": False}),
     Peer("torch foreach", {"foreach": True}),
@@ -156,6 +159,25 @@ TORCH_PEERS = [
     Peer("torch compiled", {}, wrap=torch_compiled, device_types=("cuda",)),
 ]
 IMPLEMENTATIONS = [peer.name for peer in TORCH_PEERS] + [FUSEDOPT, FUSEDOPT_FLAT]
+
+
+@dataclass(frozen=True)
+class LowPrecision:
+    """A fusedopt mode that moves fewer bytes (--low-precision): its param dtype and options."""
+    name: str
+    param_dtype: torch.dtype
+    options: dict
+
+
+# The fp32 implementations keep every buffer in float32; these store fewer bytes.
+LOW_PRECISION = [
+    LowPrecision(FUSEDOPT_BF16_STATE, torch.float32, {"state_dtype": torch.bfloat16}),
+    LowPrecision(FUSEDOPT_BF16_SR, torch.bfloat16, {"state_dtype": torch.bfloat16, "stochastic_rounding": True}),
+]
+# With --low-precision only the fused fp32 steps run beside them (the slower torch
+# steps would add their own copies of state and minutes of timing).
+LOW_PRECISION_PEERS = (TORCH_FUSED,)
+IMPLEMENTATIONS += [mode.name for mode in LOW_PRECISION]
 
 
 def peers_for(device: torch.device) -> list[Peer]:
@@ -171,13 +193,38 @@ class Runner:
     note: str = ""
     times: list[float] = field(default_factory=list)
     extra_bytes: int | None = None
+    params: list[torch.Tensor] | None = None  # its own params (None: the case's)
+    bytes_per_element: int | None = None     # bytes one step moves per parameter element
+
+
+def bytes_per_element(algo: Algo, param_dtype: torch.dtype, state_dtype: torch.dtype | None = None) -> int:
+    """Param r+w and grad r in the param's dtype, state r+w in the state's."""
+    param_size = torch.empty((), dtype=param_dtype).element_size()
+    state_size = torch.empty((), dtype=state_dtype or param_dtype).element_size()
+    return 3 * param_size + 2 * algo.state_buffers * state_size
+
+
+def low_precision_runners(shapes, algo: Algo, device, seed: int, grads32: list[torch.Tensor]) -> list[Runner]:
+    """One runner per LOW_PRECISION mode, each with its own params and state (their
+    dtypes differ from the fp32 case's); fp32 ones read the case's grads."""
+    runners = []
+    for mode in LOW_PRECISION:
+        generator = torch.Generator(device=device).manual_seed(seed + 1)
+        params = random_tensors(shapes, device, mode.param_dtype, generator)
+        optimizer = algo.fusedopt_cls(params, **algo.kwargs, **mode.options)
+        grads = grads32 if mode.param_dtype == torch.float32 else random_tensors(shapes, device, mode.param_dtype,
+                                                                                 generator)
+        runners.append(Runner(mode.name, optimizer.step, grads, params=params,
+                              bytes_per_element=bytes_per_element(algo, mode.param_dtype,
+                                                                  mode.options.get("state_dtype"))))
+    return runners
 
 
 def random_tensors(shapes, device, dtype, generator) -> list[torch.Tensor]:
     return [torch.randn(s, generator=generator, device=device, dtype=dtype) for s in shapes]
 
 
-def build_case(shapes, algo: Algo, device, dtype, seed: int):
+def build_case(shapes, algo: Algo, device, dtype, seed: int, low_precision: bool = False):
     """(params, runners): every implementation of one case, all stepping the *same*
     parameters, grads and optimizer state, which live in fusedopt's flat buffers;
     torch.optim's optimizers are handed the state as views, as fusedopt's own `state`
@@ -209,14 +256,20 @@ def build_case(shapes, algo: Algo, device, dtype, seed: int):
     fused.step()  # creates the state that every implementation steps
     runners = []
     for peer in peers_for(device):
+        if low_precision and peer.name not in LOW_PRECISION_PEERS:
+            continue
         opt = algo.torch_cls(params, **peer.options, **algo.kwargs)
         for p in params:
             opt.state[p] = dict(fused.state[p])  # the same tensors, in torch's own dict
         runners.append(Runner(peer.name, peer.wrap(opt), grads))
     runners += [Runner(FUSEDOPT, fused.step, grads), Runner(FUSEDOPT_FLAT, fused.step, flat_grads, flat_note)]
+    if low_precision:
+        runners += low_precision_runners(shapes, algo, device, seed, grads)
     for runner in runners:
+        if runner.bytes_per_element is None:
+            runner.bytes_per_element = bytes_per_element(algo, dtype)
         try:
-            seat_grads(params, runner.grads)
+            seat_grads(runner.params or params, runner.grads)
             runner.step()  # compiles, where something compiles
         except Exception as error:  # a peer failing is a result to report, not a crash
             lines = str(error).strip().splitlines() or [""]
@@ -257,7 +310,7 @@ def time_round_robin(runners: list[Runner], params, device, warmup: int, reps: i
         # Rotate the order each rep so no peer always runs right after the same one.
         shift = rep % max(1, len(live))
         for runner in live[shift:] + live[:shift]:
-            seat_grads(params, runner.grads)  # untimed: stands in for the backward pass
+            seat_grads(runner.params or params, runner.grads)  # untimed: stands in for the backward pass
             seconds = timed(runner.step, device)
             if rep >= warmup:
                 runner.times.append(seconds)
@@ -447,7 +500,7 @@ def run_case(model, algo_name, device, args, seed, during: LoadWindow, bar) -> l
     algo = ALGOS[algo_name]
     shapes = MODELS[model]()
     bar.set_postfix_str(f"{model} {algo_name}: building")
-    params, runners = build_case(shapes, algo, device, getattr(torch, args.dtype), seed)
+    params, runners = build_case(shapes, algo, device, getattr(torch, args.dtype), seed, args.low_precision)
     bar.update()
     bar.set_postfix_str(f"{model} {algo_name}: timing")
     case_load = LoadWindow()
@@ -457,21 +510,21 @@ def run_case(model, algo_name, device, args, seed, during: LoadWindow, bar) -> l
     bar.set_postfix_str(f"{model} {algo_name}: memory")
     for runner in runners:
         if runner.step is not None:
-            seat_grads(params, runner.grads)
+            seat_grads(runner.params or params, runner.grads)
             runner.extra_bytes = peak_extra_bytes(runner.step, device)
     bar.update()
 
     elements = sum(p.numel() for p in params)
-    bytes_per_step = algo.bytes_per_element * params[0].element_size() * elements
     base = {"model": model, "algo": algo_name, "dtype": args.dtype, "tensors": len(params),
-            "elements": elements, "bytes_per_step": bytes_per_step,
-            "other_cores_during": case_load.other_cores, "contention_processes": args.contention}
-    return [result_row(base, runner, bytes_per_step, args.bandwidth) for runner in runners]
+            "elements": elements, "other_cores_during": case_load.other_cores,
+            "contention_processes": args.contention}
+    return [result_row(base, runner, runner.bytes_per_element * elements, args.bandwidth) for runner in runners]
 
 
 def result_row(base: dict, runner: Runner, bytes_per_step: int, bandwidth: dict) -> dict:
     row = {**base, "impl": runner.name, "note": runner.note, "times_ms": None, "ms": None,
-           "gbps": None, "bw_share_pct": None,
+           "gbps": None, "bw_share_pct": None, "bytes_per_step": bytes_per_step,
+           "bytes_per_element": runner.bytes_per_element,
            "extra_mib": None if runner.extra_bytes is None else runner.extra_bytes / 2**20}
     if runner.times:
         ms = statistics.median(runner.times) * 1e3
@@ -516,7 +569,8 @@ def summary_rows(rows: list[dict], models, algos) -> list[dict]:
 # The README's "Measured" table has exactly these columns (tests/test_bench_cli.py checks).
 SUMMARY_COLUMNS = ["model", "algo", "torch fused ms", "fusedopt ms", "speedup",
                    "fusedopt, flat grads ms", "speedup", "torch foreach ms", "torch for-loop ms"]
-FULL_COLUMNS = ["model", "algo", "impl", "ms", "GB/s", "%bw", "extra MiB", "vs torch fused", "note"]
+FULL_COLUMNS = ["model", "algo", "impl", "B/elem", "ms", "GB/s", "%bw", "extra MiB", "vs torch fused", "note"]
+LOW_PRECISION_COLUMNS = ["model", "algo", "impl", "bytes/element", "ms", "vs torch fused fp32"]
 
 
 def fmt(value, spec: str, suffix: str = "") -> str:
@@ -532,7 +586,8 @@ def summary_cells(row: dict) -> list[str]:
 
 
 def full_cells(row: dict) -> list[str]:
-    return [row["model"], row["algo"], row["impl"], fmt(row["ms"], ".3f"), fmt(row["gbps"], ".1f"),
+    return [row["model"], row["algo"], row["impl"], fmt(row["bytes_per_element"], "d"), fmt(row["ms"], ".3f"),
+            fmt(row["gbps"], ".1f"),
             fmt(row["bw_share_pct"], ".0f"), fmt(row["extra_mib"], ".1f"),
             fmt(row["speedup_vs_torch_fused"], ".2f", "x"), row["note"]]
 
@@ -553,7 +608,15 @@ def summary_table(summary: list[dict]) -> str:
 
 
 def full_table(rows: list[dict]) -> str:
-    return markdown_table(FULL_COLUMNS, [full_cells(r) for r in rows], range(3, 8))
+    return markdown_table(FULL_COLUMNS, [full_cells(r) for r in rows], range(3, 9))
+
+
+def low_precision_table(rows: list[dict]) -> str:
+    """--low-precision's headline: each mode's bytes per element and time beside torch fused fp32."""
+    shown = [r for r in rows if r["impl"] in (TORCH_FUSED, FUSEDOPT, *(m.name for m in LOW_PRECISION))]
+    return markdown_table(LOW_PRECISION_COLUMNS, [
+        [r["model"], r["algo"], r["impl"], fmt(r["bytes_per_element"], "d"), fmt(r["ms"], ".1f"),
+         "**" + fmt(r["speedup_vs_torch_fused"], ".2f", "x") + "**"] for r in shown], range(3, 6))
 
 
 def reps_text(rows: list[dict], args) -> str:
@@ -583,7 +646,8 @@ def footer_notes(args, machine: dict, load: dict, rows: list[dict]) -> list[str]
         "as autograd leaves them; flat grads: after zero_grad(set_to_none=False) they are views "
         "of one buffer.",
         "GB/s: bytes the update must move / ms; per element SGD-momentum 5 accesses "
-        "(param r+w, grad r, buf r+w), Adam/AdamW 7 (param r+w, grad r, m r+w, v r+w).",
+        "(param r+w, grad r, buf r+w), Adam/AdamW 7 (param r+w, grad r, m r+w, v r+w), each of "
+        "its buffer's element size (B/elem: their sum; fp32 AdamW 28).",
         f"%bw: share of {bandwidth['reference_gbps']:.1f} GB/s measured in this run, the faster of "
         f"a 256 MiB fp32 copy ({bandwidth['copy_gbps']:.1f} GB/s) and an in-place scale "
         f"({bandwidth['inplace_scale_gbps']:.1f} GB/s), read+write bytes; a step that keeps "
@@ -595,7 +659,8 @@ def footer_notes(args, machine: dict, load: dict, rows: list[dict]) -> list[str]
 # Okabe & Ito's colour-blind-safe palette: the two bars a reader compares, torch fused
 # and fusedopt, are orange and blue; the slower torch steps are greys.
 COLOURS = {"torch for-loop": "#bbbbbb", "torch foreach": "#888888", TORCH_FUSED: "#e69f00",
-           "torch compiled": "#cc79a7", FUSEDOPT: "#0072b2", FUSEDOPT_FLAT: "#56b4e9"}
+           "torch compiled": "#cc79a7", FUSEDOPT: "#0072b2", FUSEDOPT_FLAT: "#56b4e9",
+           FUSEDOPT_BF16_STATE: "#009e73", FUSEDOPT_BF16_SR: "#d55e00"}
 
 
 def plot(rows: list[dict], summary: list[dict], title: str, loaded: bool, path: Path) -> None:
@@ -758,6 +823,10 @@ def make_parser(prog: str) -> argparse.ArgumentParser:
                         help="time every case while N processes the benchmark starts keep one "
                              "core busy each (and stops afterwards): how each implementation "
                              "holds up under load (default: none)")
+    parser.add_argument("--low-precision", action="store_true",
+                        help="also time fusedopt with bf16 state (fp32 params) and with bf16 params, bf16 "
+                             "state and stochastic rounding, beside torch fused fp32 (only torch's fused "
+                             "step runs of torch's)")
     parser.add_argument("--out", type=Path, default=Path("bench-out"),
                         help="folder for results.json, table.md, results.png (default: bench-out)")
     return parser
@@ -804,18 +873,19 @@ def main(argv=None, prog: str = "fusedopt-bench") -> int:
     load = load_verdict(before, during, args.contention, cores)
 
     notes = footer_notes(args, machine, load, rows)
-    print(summary_table(summary))
+    print(low_precision_table(rows) if args.low_precision else summary_table(summary))
     print("\n".join(f"  {note}" for note in notes))
     args.out.mkdir(parents=True, exist_ok=True)
     config = {"device": str(args.device), "models": args.models, "algos": args.algos,
               "dtype": args.dtype, "reps": args.reps, "case_budget_s": args.case_budget_s,
               "warmup": args.warmup, "quick": args.quick,
-              "contention": args.contention, "lr": LR}
+              "contention": args.contention, "lr": LR, "low_precision": args.low_precision}
     (args.out / "results.json").write_text(json.dumps(
         {"load": load, "machine": machine, "config": config, "notes": notes,
          "summary": summary, "results": rows}, indent=2) + "\n")
     (args.out / "table.md").write_text(
         ("**" + load["summary"] + "**\n\n" if load["loaded"] else "")
+        + (low_precision_table(rows) + "\n\n" if args.low_precision else "")
         + summary_table(summary) + "\n\n" + "\n".join(f"- {note}" for note in notes)
         + "\n\nEvery implementation:\n\n" + full_table(rows) + "\n")
     plot(rows, summary, plot_title(machine, args, load), load["loaded"], args.out / "results.png")

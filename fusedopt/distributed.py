@@ -59,6 +59,7 @@ class BufferSlice:
     parameter's piece of a slice-sized buffer: 1-D, in the parameter's memory order."""
 
     state_buffer = FlatBuffer.state_buffer  # zero-initialised on first use, sized like data
+    set_state_dtypes = FlatBuffer.set_state_dtypes
     segments = FlatBuffer.segments          # cached per set of rows
 
     def __init__(self, full: FlatBuffer, lo: int, hi: int):
@@ -70,6 +71,7 @@ class BufferSlice:
         self.params = full.params
         self.step = full.step
         self.state: dict[str, torch.Tensor] = {}
+        self.state_dtypes: dict[str, torch.dtype] = {}
         self.state_complete_for: tuple[str, ...] | None = None
         self.owned: dict[int, Piece] = {}
         for i, (p, offset) in enumerate(zip(full.params, full.offsets)):
@@ -269,11 +271,13 @@ class ShardedOptimizer(FusedOptimizer):
                 steps = buf.step.clone()
                 dist.reduce(steps, destination, op=dist.ReduceOp.MAX, group=self.process_group)
                 flats = {}
+                self._set_state_dtypes(group, self._slice_of[buf])
                 for key in keys:
                     if key == "step":
                         continue
-                    flats[key] = buf.data.new_empty(buf.numel) if gathering else None
-                    dist.gather(self._slice_of[buf].state_buffer(key),
+                    piece = self._slice_of[buf].state_buffer(key)
+                    flats[key] = piece.new_empty(buf.numel) if gathering else None
+                    dist.gather(piece,
                                 list(flats[key].chunk(self.world_size)) if gathering else None,
                                 dst=destination, group=self.process_group)
                 if not gathering:
@@ -305,6 +309,9 @@ class ShardedOptimizer(FusedOptimizer):
         self._current_plans()  # every parameter in a slice
         for rank_slice in self._slice_of.values():
             rank_slice.clear_state()
+        for group, plan in zip(self.param_groups, self._plans):
+            for part in plan.parts:
+                self._set_state_dtypes(group, self._slice_of[part.buf])
         loaded, self.state = self.state, defaultdict(dict)
         for p, entry in loaded.items():
             slot = self._slots.get(p)
@@ -320,7 +327,7 @@ class ShardedOptimizer(FusedOptimizer):
                 if key == "step":
                     buf.step[i] = value
                     pieces[key] = buf.step[i]
-                elif torch.is_tensor(value) and key in self._state_keys:
+                elif torch.is_tensor(value) and key in self._all_state_keys:
                     pieces[key] = rank_slice.view_of(rank_slice.state_buffer(key), i)
                     pieces[key].copy_(rank_slice.piece_of(i, value))
                 else:

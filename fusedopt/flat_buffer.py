@@ -118,6 +118,9 @@ class FlatBuffer:
 
     def _init_rows(self) -> None:
         self.state: dict[str, torch.Tensor] = {}  # flat state buffers by torch.optim's key
+        # The dtype of each key's state buffer where it is not the param's (bf16 moments,
+        # a float32 master copy); set by the optimizer from its param group.
+        self.state_dtypes: dict[str, torch.dtype] = {}
         # float32 per-row step counters (torch.optim's state["step"]; for SGD: whether
         # the row's momentum buffer has been started).
         self.step = torch.zeros(len(self.params), dtype=torch.float32, device=self.device)
@@ -152,11 +155,27 @@ class FlatBuffer:
 
     # --- state ------------------------------------------------------------------
     def state_buffer(self, key: str) -> torch.Tensor:
-        """The flat buffer behind state key ``key``, zero-initialised on first use."""
+        """The flat buffer behind state key ``key``, of that key's dtype (``state_dtypes``,
+        else the param's), zero-initialised on first use."""
         flat = self.state.get(key)
+        dtype = self.state_dtypes.get(key, self.dtype)
         if flat is None:
-            flat = self.state[key] = torch.zeros_like(self.data)
+            flat = self.state[key] = torch.zeros_like(self.data, dtype=dtype)
+        elif flat.dtype != dtype:
+            flat = self.state[key] = flat.to(dtype)
         return flat
+
+    def set_state_dtypes(self, dtypes: dict[str, torch.dtype]) -> bool:
+        """Sets the dtype of each key's state buffer; a buffer of another dtype is
+        converted (to nearest). Returns whether any key's dtype changed."""
+        changed = False
+        for key, dtype in dtypes.items():
+            if self.state_dtypes.get(key, self.dtype) != dtype:
+                changed = True
+            self.state_dtypes[key] = dtype
+            if key in self.state and self.state[key].dtype != dtype:
+                self.state[key] = self.state[key].to(dtype)
+        return changed
 
     def state_view(self, key: str, index: int) -> torch.Tensor:
         """What ``optimizer.state[p][key]`` holds for row ``index``."""

@@ -64,13 +64,14 @@ grad_norm = torch.ops.fusedopt.grad_norm
 @torch.library.register_fake("fusedopt::adam_step_")
 def _adam_step_fake(param, exp_avg, exp_avg_sq, max_exp_avg_sq, step, grads, segments, lr, scheduled,
                     beta1, beta2, weight_decay, eps, decoupled_weight_decay, maximize, grad_scale,
-                    found_inf, grad_multiplier, zero_grads):
+                    found_inf, grad_multiplier, zero_grads, master_param=None, rounding_seed=None):
     return None
 
 
 @torch.library.register_fake("fusedopt::sgd_step_")
 def _sgd_step_fake(param, momentum_buffer, step, grads, segments, lr, scheduled, momentum, dampening,
-                   weight_decay, nesterov, maximize, grad_scale, found_inf, grad_multiplier, zero_grads):
+                   weight_decay, nesterov, maximize, grad_scale, found_inf, grad_multiplier, zero_grads,
+                   master_param=None, rounding_seed=None):
     return None
 
 

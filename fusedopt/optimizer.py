@@ -22,6 +22,40 @@ from .flat_buffer import FlatBuffer, InPlaceBuffer, PinnedBuffer, is_dtensor, ma
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 SUPPORTED_DEVICE_TYPES = ("cpu", "cuda", "meta")  # meta: shapes only, as torch.optim
+# state_dtype= choices: the moments/momentum buffers stored in that dtype (math in float32).
+STATE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# optimizer.state key of the float32 master copy of a bf16/fp16 param (master_weights=True).
+MASTER_KEY = "master_param"
+# The low-precision hyperparameters, with their defaults (torch.optim's trajectory).
+LOW_PRECISION_DEFAULTS = {"state_dtype": None, "master_weights": False, "stochastic_rounding": False}
+
+
+def check_state_dtype(state_dtype: Any) -> None:
+    if state_dtype is not None and state_dtype not in STATE_DTYPES:
+        raise ValueError(f"Invalid state_dtype: {state_dtype} (supported: None, i.e. as the params, "
+                         f"{', '.join(map(str, STATE_DTYPES))})")
+
+
+def check_low_precision_group(group: dict[str, Any], params: list[torch.Tensor]) -> None:
+    """Raises ValueError where a param group's low-precision options do not fit its params."""
+    state_dtype, master, stochastic = (group.get(k, d) for k, d in LOW_PRECISION_DEFAULTS.items())
+    check_state_dtype(state_dtype)
+    dtypes = {p.dtype for p in params}
+    if state_dtype is not None and torch.float64 in dtypes:
+        raise ValueError(f"state_dtype={state_dtype} needs float32, bfloat16 or float16 params; "
+                         "a float64 param keeps float64 state")
+    if master and not dtypes <= {torch.bfloat16, torch.float16}:
+        raise ValueError("master_weights=True keeps a float32 copy of bfloat16 or float16 params; got "
+                         f"params of dtype {', '.join(sorted(map(str, dtypes - {torch.bfloat16, torch.float16})))}")
+    if stochastic and master:
+        raise ValueError("stochastic_rounding=True and master_weights=True exclude each other: with "
+                         "master weights the param is the float32 master rounded to nearest")
+    if stochastic and not dtypes <= {torch.bfloat16}:
+        raise ValueError("stochastic_rounding=True rounds bfloat16 params; got params of dtype "
+                         f"{', '.join(sorted(map(str, dtypes - {torch.bfloat16})))}")
+    if stochastic and state_dtype == torch.float16:
+        raise ValueError("stochastic_rounding=True rounds bfloat16 values; use state_dtype=torch.bfloat16 "
+                         "or torch.float32")
 
 
 def reject_differentiable(differentiable: bool) -> None:
@@ -60,6 +94,7 @@ class Part:
     views: list[torch.Tensor]
     synced: list
     keys: tuple[str, ...] = ()
+    dtypes: tuple = ()  # per key, the dtype of its state buffer
     complete: bool = False  # every row's state is in optimizer.state
     _grad_slots: tuple = (None, None)  # (grad buffer, its slot addresses) cache
 
@@ -127,6 +162,8 @@ class FusedOptimizer(Optimizer):
     _step_supports_amp_scaling = True
     # State keys torch.optim keeps per parameter, in its order; set by subclasses.
     _state_keys: tuple[str, ...] = ()
+    # The same and fusedopt's own (checked on load, loaded by ShardedOptimizer).
+    _all_state_keys: tuple[str, ...] = (MASTER_KEY,)
     # Keys torch.optim requires in a non-empty state entry when it loads a checkpoint.
     _keys_required_on_load: tuple[str, ...] = ()
     _sparse_grad_message = "fusedopt does not support sparse gradients"
@@ -135,7 +172,12 @@ class FusedOptimizer(Optimizer):
     # Flat buffers split into this many equal slices (fusedopt.distributed: one per rank).
     _buffer_slices = 1
 
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls._all_state_keys = (*cls._state_keys, MASTER_KEY)
+
     def __init__(self, params, defaults: dict[str, Any]):
+        check_state_dtype(defaults.get("state_dtype"))
         self._plans: list[GroupPlan] = []
         self._slots: dict[torch.Tensor, tuple[FlatBuffer, int]] = {}
         # Clip coefficient from clip_grad_norm_, applied inside the next step's kernel.
@@ -160,12 +202,16 @@ class FusedOptimizer(Optimizer):
         self.__dict__.setdefault("_slots", {})
         self.__dict__.setdefault("_pending_grad_multiplier", None)
         self.__dict__.setdefault("_have_grad_buffers", False)
+        for group in self.param_groups:
+            for key, default in LOW_PRECISION_DEFAULTS.items():
+                group.setdefault(key, default)
 
     # --- param groups -----------------------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         try:
             self._check_params(self.param_groups[-1]["params"])
+            check_low_precision_group(self.param_groups[-1], self.param_groups[-1]["params"])
         except Exception:
             self.param_groups.pop()  # leave the optimizer as it was
             raise
@@ -227,6 +273,7 @@ class FusedOptimizer(Optimizer):
         lazy = [p for p in params if is_lazy(p)]
         self._check_params([p for p in params if not is_lazy(p)])
         present = [p for p in params if not is_lazy(p)]
+        check_low_precision_group(group, present)
         for buf in self._new_buffers([p for p in present if not self._in_its_slot(p)]):
             for row, p in enumerate(buf.params):
                 self._slots[p] = (buf, row)
@@ -246,8 +293,33 @@ class FusedOptimizer(Optimizer):
                 self._reset_if_stateless(buf, row)
         keys = self._group_state_keys(group)
         for part in parts.values():
-            part.keys = keys
+            part.keys, part.dtypes = keys, self._state_dtypes(group, keys, part.buf.dtype)
+            if part.buf.set_state_dtypes(dict(zip(keys, part.dtypes))):
+                part.synced = [None] * len(part.rows)  # re-adopted from optimizer.state
         return GroupPlan(params, list(parts.values()), lazy)
+
+    def _state_dtypes(self, group: dict[str, Any], keys: tuple[str, ...], param_dtype: torch.dtype) -> tuple:
+        """Per state key, the dtype of its flat buffer: the master copy float32, the
+        others ``state_dtype``, by default as the values they update (the master's
+        float32 with master weights, else the param's)."""
+        moments = group.get("state_dtype") or (torch.float32 if group.get("master_weights") else param_dtype)
+        return tuple(torch.float32 if key in ("step", MASTER_KEY) else moments for key in keys)
+
+    def _set_state_dtypes(self, group: dict[str, Any], buf) -> None:
+        keys = self._group_state_keys(group)
+        buf.set_state_dtypes(dict(zip(keys, self._state_dtypes(group, keys, buf.dtype))))
+
+    def _group_state_keys(self, group) -> tuple[str, ...]:
+        """The state keys of a group's params, in torch.optim's order, then the master copy."""
+        keys = self._algorithm_state_keys(group)
+        return (*keys, MASTER_KEY) if group.get("master_weights") else keys
+
+    def _rounding_seed(self, group: dict[str, Any], buf) -> torch.Tensor | None:
+        """With stochastic rounding, one draw from torch's generator of the buffer's device
+        per buffer and step: the key of the kernel's random bits (optimizer_math.h)."""
+        if not group.get("stochastic_rounding"):
+            return None
+        return torch.randint(0, 2 ** 62, (1,), dtype=torch.int64, device=buf.device)
 
     def _reset_if_stateless(self, buf: FlatBuffer, row: int) -> None:
         """A row whose record of optimizer.state was dropped (its group deleted and the
@@ -300,8 +372,12 @@ class FusedOptimizer(Optimizer):
             for _ in range(2):
                 results = []
                 for part in plan.parts:
-                    if with_state and part.keys != keys:  # e.g. amsgrad or momentum switched on
-                        part.keys, part.synced, part.complete = keys, [None] * len(part.rows), False
+                    dtypes = self._state_dtypes(group, keys, part.buf.dtype) if with_state else ()
+                    # e.g. amsgrad, momentum or master weights switched on, state_dtype changed
+                    if with_state and (part.keys != keys or part.dtypes != dtypes):
+                        part.keys, part.dtypes = keys, dtypes
+                        part.buf.set_state_dtypes(dict(zip(keys, dtypes)))
+                        part.synced, part.complete = [None] * len(part.rows), False
                         for row in part.rows:
                             self._reset_if_stateless(part.buf, row)
                     stale, dirty, rows, grads, flat, bad = self._check_part(part, keys)
@@ -336,7 +412,8 @@ class FusedOptimizer(Optimizer):
         step would (KeyError for a missing key), but before anything is written."""
         if not entry:
             return {}
-        for key in self._keys_required_in_state(keys):
+        # A missing master copy starts from the param (one made by torch.optim has none).
+        for key in self._keys_required_in_state(tuple(k for k in keys if k != MASTER_KEY)):
             if key not in entry:
                 if has_grad:
                     raise KeyError(key)
@@ -389,7 +466,9 @@ class FusedOptimizer(Optimizer):
         for key in part.keys:
             view = buf.state_view(key, row)
             value = values.get(key)
-            if value is None:
+            if value is None and key == MASTER_KEY:
+                view.copy_(part.params[j])
+            elif value is None:
                 view.zero_()
             elif torch.is_tensor(value):
                 if not _is_exactly(value, view):
@@ -441,7 +520,7 @@ class FusedOptimizer(Optimizer):
                 if key not in entry:
                     raise KeyError(key)
             for key, value in entry.items():
-                if key not in self._state_keys or value is None:
+                if key not in self._all_state_keys or value is None:
                     continue
                 shape = _misfit_shape(p, key, value)
                 if shape is not None and key == "step":
@@ -455,8 +534,30 @@ class FusedOptimizer(Optimizer):
         """torch.optim's, in its order: pre-hooks, validation, loading (all or nothing:
         the new state is checked against the parameters before it replaces anything),
         post-hooks. The loaded values are then copied into fusedopt's buffers at once,
-        so a later change to the checkpoint's tensors does not reach this optimizer."""
+        so a later change to the checkpoint's tensors does not reach this optimizer.
+
+        Unlike torch.optim, state tensors keep their dtype (bf16 moments, the float32
+        master copy; torch.optim casts every state tensor to its param's dtype), and a
+        checkpoint group without fusedopt's low-precision options (one torch.optim
+        saved) keeps this optimizer's."""
+        saved_groups = state_dict["param_groups"]
+        # The saved ids name the current params in order, as torch.optim maps them.
+        param_of = dict(zip((i for g in saved_groups for i in g["params"]),
+                            (p for g in self.param_groups for p in g["params"])))
+        kept_dtype = [(param_of[i], key, value) for i, entry in state_dict["state"].items()
+                      if isinstance(entry, dict) and i in param_of for key, value in entry.items()
+                      if key != "step" and torch.is_tensor(value) and value.is_floating_point()
+                      and value.dtype != param_of[i].dtype]
+        current = [{k: g[k] for k in LOW_PRECISION_DEFAULTS if k in g} for g in self.param_groups]
         super().load_state_dict(state_dict)
+        for group, saved, options in zip(self.param_groups, saved_groups, current):
+            for key, value in options.items():
+                if key not in saved:
+                    group[key] = value
+        for p, key, value in kept_dtype:
+            entry = self.state.get(p)
+            if entry is not None and torch.is_tensor(entry.get(key)) and entry[key].dtype != value.dtype:
+                entry[key] = value.detach().to(device=entry[key].device, copy=True)
         if self._tracks_public_state:
             self._sync_state(self._checked_parts(check_grads=False))
 
@@ -603,7 +704,7 @@ class FusedOptimizer(Optimizer):
             layout.append((index, self._plans[index].parts.index(c.part), tuple(c.rows)))
         return tuple(layout)
 
-    def _group_state_keys(self, group) -> tuple[str, ...]:
+    def _algorithm_state_keys(self, group) -> tuple[str, ...]:
         raise NotImplementedError
 
     def _update_buffer(self, group, buf: FlatBuffer, segments, grads, transform: GradTransform) -> None:

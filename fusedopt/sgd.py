@@ -6,7 +6,7 @@ import torch
 
 from . import ops
 from .flat_buffer import is_dtensor
-from .optimizer import FusedOptimizer, hyperparameter, reject_differentiable, same_place
+from .optimizer import MASTER_KEY, FusedOptimizer, hyperparameter, reject_differentiable, same_place
 
 
 class SGD(FusedOptimizer):
@@ -17,6 +17,9 @@ class SGD(FusedOptimizer):
     whether its momentum buffer has been started (the ``step`` counter, not exposed), so
     a parameter's first step with momentum starts its buffer as a copy of the grad, as
     torch.optim does, even when GradScaler skipped earlier steps or momentum was 0 before.
+
+    ``state_dtype``, ``master_weights`` and ``stochastic_rounding`` store fewer bytes per
+    parameter, as for fusedopt.Adam (off by default).
     """
 
     _state_keys = ("momentum_buffer",)
@@ -24,7 +27,8 @@ class SGD(FusedOptimizer):
     _sparse_grad_message = "fusedopt.SGD does not support sparse gradients; use torch.optim.SGD"
 
     def __init__(self, params, lr=1e-3, momentum=0, dampening=0, weight_decay=0, nesterov=False, *,
-                 maximize=False, foreach=None, differentiable=False, fused=None):
+                 maximize=False, foreach=None, differentiable=False, fused=None, state_dtype=None,
+                 master_weights=False, stochastic_rounding=False):
         if isinstance(lr, torch.Tensor) and lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
         if lr < 0.0:
@@ -38,7 +42,8 @@ class SGD(FusedOptimizer):
         reject_differentiable(differentiable)
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                         nesterov=nesterov, maximize=maximize, foreach=foreach,
-                        differentiable=differentiable, fused=fused)
+                        differentiable=differentiable, fused=fused, state_dtype=state_dtype,
+                        master_weights=master_weights, stochastic_rounding=stochastic_rounding)
         super().__init__(params, defaults)
 
     def __setstate__(self, state):
@@ -50,7 +55,7 @@ class SGD(FusedOptimizer):
             group.setdefault("differentiable", False)
             group.setdefault("fused", False)
 
-    def _group_state_keys(self, group):
+    def _algorithm_state_keys(self, group):
         return self._state_keys if hyperparameter(group["momentum"]) != 0 else ()
 
     def _scheduled_values(self, group):
@@ -59,11 +64,13 @@ class SGD(FusedOptimizer):
     def _update_buffer(self, group, buf, segments, grads, transform):
         has_momentum = bool(self._group_state_keys(group))
         (lr, momentum), scheduled = self._scheduled_arguments(group, buf.device)
+        self._set_state_dtypes(group, buf)
         ops.sgd_step_(
             buf.data, buf.state_buffer("momentum_buffer") if has_momentum else None, buf.step, grads,
             segments, lr, scheduled, momentum, hyperparameter(group["dampening"]),
             hyperparameter(group["weight_decay"]), group["nesterov"], group["maximize"],
-            transform.grad_scale, transform.found_inf, transform.grad_multiplier, transform.zero_grads)
+            transform.grad_scale, transform.found_inf, transform.grad_multiplier, transform.zero_grads,
+            buf.state_buffer(MASTER_KEY) if group["master_weights"] else None, self._rounding_seed(group, buf))
 
     def _adopted(self, buf, row, values):
         # A momentum buffer given through optimizer.state is a started one; None or none

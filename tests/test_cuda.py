@@ -124,7 +124,12 @@ def scalar(value, device, dtype=torch.float32):
     return torch.tensor(value, dtype=dtype, device=device)
 
 
-def run_adam(problem, device, grads, amsgrad, *, steps=3, lr=1e-2, lr_tensor=None, beta1=0.9,
+def scheduled_tensor(values, device, dtype=torch.float64):
+    """The ops' `scheduled` argument: Adam (lr, beta1, beta2), SGD (lr, momentum)."""
+    return torch.tensor(values, dtype=dtype, device=device)
+
+
+def run_adam(problem, device, grads, amsgrad, *, steps=3, lr=1e-2, scheduled=None, beta1=0.9,
              beta2=0.999, weight_decay=0.0, eps=1e-8, decoupled=False, maximize=False, grad_scale=None,
              found_inf=None, grad_multiplier=None, zero_grads=False):
     names = ["param", "exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if amsgrad else [])
@@ -133,12 +138,12 @@ def run_adam(problem, device, grads, amsgrad, *, steps=3, lr=1e-2, lr_tensor=Non
     segments = problem.segments.to(device)
     for _ in range(steps):
         ops.adam_step_(state["param"], state["exp_avg"], state["exp_avg_sq"], state.get("max_exp_avg_sq"),
-                       step, grads, segments, lr, lr_tensor, beta1, beta2, weight_decay, eps, decoupled,
+                       step, grads, segments, lr, scheduled, beta1, beta2, weight_decay, eps, decoupled,
                        maximize, grad_scale, found_inf, grad_multiplier, zero_grads)
     return state, step
 
 
-def run_sgd(problem, device, grads, *, momentum=0.9, steps=3, lr=0.05, lr_tensor=None, dampening=0.0,
+def run_sgd(problem, device, grads, *, momentum=0.9, steps=3, lr=0.05, scheduled=None, dampening=0.0,
             weight_decay=0.0, nesterov=False, maximize=False, grad_scale=None, found_inf=None,
             grad_multiplier=None, zero_grads=False):
     names = ["param"] + (["momentum_buffer"] if momentum else [])
@@ -146,7 +151,7 @@ def run_sgd(problem, device, grads, *, momentum=0.9, steps=3, lr=0.05, lr_tensor
     step = problem.step.clone().to(device)
     segments = problem.segments.to(device)
     for _ in range(steps):
-        ops.sgd_step_(state["param"], state.get("momentum_buffer"), step, grads, segments, lr, lr_tensor,
+        ops.sgd_step_(state["param"], state.get("momentum_buffer"), step, grads, segments, lr, scheduled,
                       momentum, dampening, weight_decay, nesterov, maximize, grad_scale, found_inf,
                       grad_multiplier, zero_grads)
     return state, step
@@ -180,29 +185,31 @@ def test_adam_matches_cpu(dtype, amsgrad, layout, options):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("layout", ["mixed", "flat"])
-def test_adam_grad_transform_lr_tensor_and_zero_grads(dtype, layout):
+def test_adam_grad_transform_scheduled_tensor_and_zero_grads(dtype, layout):
     problem = Problem(SHAPES, dtype, rows=[0, 1, 3, 4, 6])  # 2, 5, 7 have no grad this step
     cuda_grads, inspect = problem.cuda_grads(layout)
     options = dict(steps=1, weight_decay=0.01, decoupled=True, zero_grads=True)
-    expected = run_adam(problem, "cpu", problem.cpu_grads(), True, lr=0.0, lr_tensor=scalar(3e-3, "cpu", torch.float64),
+    options.update(lr=0.0, beta1=0.0, beta2=0.0)  # the scheduled tensor replaces these
+    expected = run_adam(problem, "cpu", problem.cpu_grads(), True, scheduled=scheduled_tensor([3e-3, 0.8, 0.99], "cpu"),
                         grad_scale=scalar(1024.0, "cpu"), grad_multiplier=scalar(0.25, "cpu"),
                         found_inf=scalar(0.0, "cpu"), **options)
-    actual = run_adam(problem, "cuda", cuda_grads, True, lr=0.0, lr_tensor=scalar(3e-3, "cuda", torch.float64),
+    actual = run_adam(problem, "cuda", cuda_grads, True, scheduled=scheduled_tensor([3e-3, 0.8, 0.99], "cuda"),
                       grad_scale=scalar(1024.0, "cuda"), grad_multiplier=scalar(0.25, "cuda"),
                       found_inf=scalar(0.0, "cuda"), **options)
     assert_same_result(actual, expected)
     assert_grads_zeroed(inspect)
 
 
-@pytest.mark.parametrize("lr_dtype", [torch.float32, torch.float64, torch.float16], ids=str)
-def test_lr_tensor_equals_float_lr(lr_dtype):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16], ids=str)
+def test_scheduled_tensor_equals_floats(dtype):
     problem = Problem(SHAPES, torch.float32)
     grads, _ = problem.cuda_grads("mixed")
-    lr = float(torch.tensor(0.01, dtype=lr_dtype))  # the value the tensor holds
-    by_float, _ = run_adam(problem, "cuda", grads, False, lr=lr)
-    by_tensor, _ = run_adam(problem, "cuda", grads, False, lr=123.0, lr_tensor=scalar(0.01, "cuda", lr_dtype))
+    scheduled = scheduled_tensor([0.01, 0.9, 0.999], "cuda", dtype)
+    lr, beta1, beta2 = scheduled.tolist()  # the values the tensor holds
+    by_float, _ = run_adam(problem, "cuda", grads, False, lr=lr, beta1=beta1, beta2=beta2)
+    by_tensor, _ = run_adam(problem, "cuda", grads, False, lr=123.0, beta1=0.1, beta2=0.2, scheduled=scheduled)
     for name in by_float:
-        assert torch.equal(by_tensor[name], by_float[name]), f"{name} differs between lr and lr_tensor"
+        assert torch.equal(by_tensor[name], by_float[name]), f"{name} differs between floats and the tensor"
 
 
 @pytest.mark.parametrize("layout", ["mixed", "flat"])
@@ -245,13 +252,13 @@ def test_sgd_matches_cpu(dtype, layout, options):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("layout", ["mixed", "flat"])
-def test_sgd_grad_transform_lr_tensor_and_zero_grads(dtype, layout):
+def test_sgd_grad_transform_scheduled_tensor_and_zero_grads(dtype, layout):
     problem = Problem(SHAPES, dtype, rows=[1, 2, 4, 6, 7])
     cuda_grads, inspect = problem.cuda_grads(layout)
     options = dict(steps=1, momentum=0.9, zero_grads=True)
-    expected = run_sgd(problem, "cpu", problem.cpu_grads(), lr=0.0, lr_tensor=scalar(0.1, "cpu"),
+    expected = run_sgd(problem, "cpu", problem.cpu_grads(), lr=0.0, scheduled=scheduled_tensor([0.1, 0.8], "cpu"),
                        grad_scale=scalar(64.0, "cpu"), grad_multiplier=scalar(0.5, "cpu"), **options)
-    actual = run_sgd(problem, "cuda", cuda_grads, lr=0.0, lr_tensor=scalar(0.1, "cuda"),
+    actual = run_sgd(problem, "cuda", cuda_grads, lr=0.0, scheduled=scheduled_tensor([0.1, 0.8], "cuda"),
                      grad_scale=scalar(64.0, "cuda"), grad_multiplier=scalar(0.5, "cuda"), **options)
     assert_same_result(actual, expected)
     assert_grads_zeroed(inspect)
@@ -411,3 +418,50 @@ def test_second_device_while_first_is_current():
     assert actual[0]["param"].device == torch.device("cuda:1") and norm.device == torch.device("cuda:1")
     assert_same_result(actual, expected)
     torch.testing.assert_close(norm.cpu(), ops.grad_norm(problem.cpu_grads(), problem.segments, 2.0), rtol=1e-6, atol=0)
+
+
+LOW_PRECISION_MODES = {
+    "bf16_state": (torch.float32, {"state_dtype": torch.bfloat16}),
+    "fp16_params_bf16_state": (torch.float16, {"state_dtype": torch.bfloat16}),
+    "master_weights": (torch.bfloat16, {"master_weights": True}),
+    "stochastic_rounding": (torch.bfloat16, {"stochastic_rounding": True}),
+}
+
+
+@pytest.mark.parametrize("mode", LOW_PRECISION_MODES)
+@pytest.mark.parametrize("algo", ["SGD", "AdamW"])
+def test_low_precision_modes_match_cpu(algo, mode):
+    """bf16 state, master weights and stochastic rounding on CUDA as on the CPU. Given the
+    same seed the random bits are the same (a counter-based hash of seed and element
+    index), so stochastic rounding differs only where the fp32 math itself does (FMA
+    contraction) and the rounding falls the other way: rarely, and by one bf16 ulp."""
+    dtype, options = LOW_PRECISION_MODES[mode]
+    hyper = {"lr": 0.05, "momentum": 0.9} if algo == "SGD" else {"lr": 1e-2, "weight_decay": 0.1}
+    generator = torch.Generator().manual_seed(0)
+    shapes = [s for s in SHAPES if 0 not in s]
+    cpu = [torch.randn(s, generator=generator).to(dtype).requires_grad_() for s in shapes]
+    gpu = [p.detach().cuda().requires_grad_() for p in cpu]
+    optimizers = [getattr(fusedopt, algo)(ps, **hyper, **options) for ps in (cpu, gpu)]
+    for step in range(3):
+        grads = [torch.randn(p.shape, generator=generator).to(dtype) for p in cpu]
+        for params, optimizer in zip((cpu, gpu), optimizers):
+            for p, g in zip(params, grads):
+                p.grad = g.to(p.device)
+            # The same seed on both devices (each would draw from its own generator).
+            optimizer._rounding_seed = lambda group, buf, step=step: (
+                torch.tensor([1234 + step]) if group["stochastic_rounding"] else None)
+            optimizer.step()
+    for i, (c, g) in enumerate(zip(cpu, gpu)):
+        pairs = [(g.detach(), c.detach(), f"param {i}")]
+        pairs += [(optimizers[1].state[g][k], optimizers[0].state[c][k], f"state[{i}][{k!r}]")
+                  for k in optimizers[0].state[c] if k != "step"]
+        for actual, expected, what in pairs:
+            assert actual.dtype == expected.dtype, what
+            if mode != "stochastic_rounding":
+                assert_close(actual, expected, what)
+                continue
+            actual, expected = actual.cpu().float(), expected.float()
+            same = (actual == expected).float().mean().item()
+            assert same > 0.98, f"{what}: only {same:.3f} of the elements round alike"
+            ulp = torch.finfo(torch.bfloat16).eps * expected.abs().clamp_min(1e-30)
+            assert ((actual - expected).abs() <= 2 * ulp).all(), what

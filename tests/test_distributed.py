@@ -30,6 +30,7 @@ import fusedopt
 import fusedopt.distributed
 from fusedopt.distributed import BufferSlice, ShardedOptimizer, grad_piece
 from fusedopt.flat_buffer import FlatBuffer
+from fusedopt.optimizer import LOW_PRECISION_DEFAULTS
 
 WORLD_SIZE = 2
 TIMEOUT_S = 80  # the two ranks together; a hang fails the tests instead of blocking CI
@@ -291,7 +292,9 @@ def sharded_checkpoint_is_torchs_across_world_sizes(rank):
         expected = reference_optimizer.state_dict()
         for index, state in expected["state"].items():
             assert_states_match(loaded.state_dict()["state"][index], state, f"state[{index}]")
-        assert loaded.state_dict()["param_groups"] == expected["param_groups"]
+        # torch.optim keeps the keys it does not know (fusedopt's own options) in its groups.
+        assert [{k: v for k, v in g.items() if k not in LOW_PRECISION_DEFAULTS}
+                for g in loaded.state_dict()["param_groups"]] == expected["param_groups"]
     else:
         with pytest.raises(RuntimeError, match="consolidate_state_dict"):
             optimizer.state_dict()
@@ -321,6 +324,31 @@ def sharded_checkpoint_is_torchs_across_world_sizes(rank):
         train(model, optimizer, rank, 2, first_step=3)
         resumed.append(model)
     assert_same_weights(resumed[1].module, resumed[0].module)
+
+
+@scenario
+def sharded_low_precision_trains_like_the_unsharded_optimizer(rank):
+    """bf16 moments and float32 master weights live in each rank's slice: training equals
+    the same fusedopt optimizer unsharded, bit for bit, and the consolidated checkpoint
+    keeps their dtypes."""
+    for dtype, options in ((torch.float32, {"state_dtype": torch.bfloat16}),
+                           (torch.bfloat16, {"master_weights": True})):
+        reference = ddp(make_model().to(dtype))
+        reference_optimizer = fusedopt.AdamW(reference.parameters(), lr=LR, weight_decay=0.1, **options)
+        model = ddp(make_model().to(dtype))
+        optimizer = ShardedOptimizer(model.parameters(), optimizer_class=fusedopt.AdamW, lr=LR,
+                                     weight_decay=0.1, **options)
+        for m, o in ((reference, reference_optimizer), (model, optimizer)):
+            train(m, o, rank, 3)
+        for (name, p), q in zip(model.module.named_parameters(), reference.module.parameters()):
+            assert torch.equal(p, q), f"{options}: {name} differs"
+        optimizer.consolidate_state_dict(to=0)
+        if rank == 0:
+            consolidated = optimizer.state_dict()["state"]
+            for index, state in reference_optimizer.state_dict()["state"].items():
+                for key, value in state.items():
+                    got = consolidated[index][key]
+                    assert got.dtype == value.dtype and torch.equal(got, value), f"{options}: state[{index}][{key}]"
 
 
 @scenario
@@ -470,6 +498,10 @@ def test_sharded_with_grad_scaler_skip_and_fused_clipping_trains_like_torch(outc
 
 
 # ----------------------------------------------------------------------------- in one process
+
+def test_sharded_low_precision_state_and_master_weights_train_like_unsharded(outcomes):
+    check(outcomes, "sharded_low_precision_trains_like_the_unsharded_optimizer")
+
 
 @pytest.mark.parametrize("world_size", [1, 2, 3, 8])
 def test_slices_of_all_ranks_cover_every_element_once(world_size):

@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 import fusedopt
-from conftest import ALGOS, default_kwargs, make_params, random_grads
+from fusedopt.optimizer import LOW_PRECISION_DEFAULTS
+from conftest import ALGOS, default_kwargs, make_params, random_grads, torch_keys
 
 
 def _params():
@@ -95,7 +96,7 @@ def test_params_forms_torch_accepts_are_accepted(case, algo):
     arrange = ACCEPTED_PARAMS_CASES[case]
     ref = getattr(torch.optim, algo)(arrange(_params()), lr=0.1)
     fused = getattr(fusedopt, algo)(arrange(_params()), lr=0.1)
-    assert [{k: v for k, v in g.items() if k != "params"} for g in fused.param_groups] == \
+    assert [{k: g[k] for k in torch_keys(g) if k != "params"} for g in fused.param_groups] == \
         [{k: v for k, v in g.items() if k != "params"} for g in ref.param_groups]
     assert [[tuple(p.shape) for p in g["params"]] for g in fused.param_groups] == \
         [[tuple(p.shape) for p in g["params"]] for g in ref.param_groups]
@@ -157,11 +158,13 @@ def test_differentiable_true_is_refused(algo):
 
 @pytest.mark.parametrize("algo", ALGOS)
 def test_constructor_signature_is_torchs(algo):
-    """Same parameter names, order, kinds (positional / keyword-only) and defaults."""
+    """Same parameter names, order, kinds (positional / keyword-only) and defaults; then
+    fusedopt's own keyword-only options, off by default."""
     def describe(cls):
         return [(p.name, p.kind, p.default) for p in
                 inspect.signature(cls.__init__).parameters.values()]
-    assert describe(getattr(fusedopt, algo)) == describe(getattr(torch.optim, algo))
+    own = [(name, inspect.Parameter.KEYWORD_ONLY, default) for name, default in LOW_PRECISION_DEFAULTS.items()]
+    assert describe(getattr(fusedopt, algo)) == describe(getattr(torch.optim, algo)) + own
 
 
 @pytest.mark.parametrize("flags", [{}, {"foreach": True}, {"foreach": False}, {"fused": True},
@@ -176,8 +179,8 @@ def test_defaults_and_implementation_flags_recorded_like_torch(algo, flags):
         pytest.skip("torch.optim.SGD has no capturable argument")
     ref = getattr(torch.optim, algo)(_params(), **flags)
     fused = getattr(fusedopt, algo)(_params(), **flags)
-    assert fused.defaults == ref.defaults
-    assert [{k: v for k, v in g.items() if k != "params"} for g in fused.param_groups] == \
+    assert {k: fused.defaults[k] for k in torch_keys(fused.defaults)} == ref.defaults
+    assert [{k: g[k] for k in torch_keys(g) if k != "params"} for g in fused.param_groups] == \
         [{k: v for k, v in g.items() if k != "params"} for g in ref.param_groups]
-    assert {k: type(v) for k, v in fused.defaults.items()} == \
+    assert {k: type(fused.defaults[k]) for k in torch_keys(fused.defaults)} == \
         {k: type(v) for k, v in ref.defaults.items()}

@@ -42,3 +42,16 @@ def test_amp_training_curves_agree():
     for torch_loss, fusedopt_loss in loss_curves(output):
         assert fusedopt_loss == pytest.approx(torch_loss, rel=2e-2, abs=1e-3)
     assert "agree: yes" in output
+
+
+def test_low_precision_example_shows_round_to_nearest_falling_behind():
+    """bf16 with rounding to nearest loses the small late updates; stochastic rounding and
+    master weights keep the fp32 loss (within 5%)."""
+    output = run_example("low_precision_training.py", "--steps", "800")
+    finals = {name.strip(): float(loss) for name, loss in
+              re.findall(r"^(fp32|bf16, [a-z ]+?)\s+(\d\.\d+e[-+]\d+)", output, re.MULTILINE)}
+    assert set(finals) == {"fp32", "bf16, round to nearest", "bf16, stochastic rounding",
+                           "bf16, master weights"}, output
+    assert finals["bf16, round to nearest"] > 2 * finals["fp32"], output
+    for mode in ("bf16, stochastic rounding", "bf16, master weights"):
+        assert finals[mode] == pytest.approx(finals["fp32"], rel=0.05), output

@@ -40,22 +40,80 @@ template <>
 inline Vectorized<double> opmath_maximum(Vectorized<double> a, Vectorized<double> b) {
   return at::vec::maximum(a, b);
 }
+template <>
+inline Vectorized<float> select_where_equal(Vectorized<float> a, Vectorized<float> b, Vectorized<float> x,
+                                            Vectorized<float> y) {
+  return Vectorized<float>::blendv(y, x, a == b);
+}
+
+using Bits = Vectorized<int32_t>;  // a SIMD vector of uint32 bit patterns (wrapping arithmetic)
+
+template <>
+struct BitsOf<Vectorized<float>> {
+  using type = Bits;
+};
+template <>
+struct FloatOf<Bits> {
+  using type = Vectorized<float>;
+};
+
+template <>
+inline Bits float_bits(Vectorized<float> x) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return Bits(_mm512_castps_si512(x));
+#elif defined(CPU_CAPABILITY_AVX2)
+  return Bits(_mm256_castps_si256(x));
+#else
+  return at::vec::cast<int32_t>(x);
+#endif
+}
+
+template <>
+inline Vectorized<float> bits_as_float(Bits bits) {
+  return at::vec::cast<float>(bits);
+}
+
+template <>
+inline Bits shift_right_logical(Bits x, int bits) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return Bits(_mm512_srli_epi32(x, bits));
+#elif defined(CPU_CAPABILITY_AVX2)
+  return Bits(_mm256_srli_epi32(x, bits));
+#else
+  return (x >> Bits(bits)) & Bits(static_cast<int32_t>(0xffffffffu >> bits));
+#endif
+}
 
 namespace {
 
-// Loads and stores a block of kWidth elements of scalar_t as two opmath vectors.
+// Loads and stores a block of kWidth elements of scalar_t as two opmath vectors; the
+// last block of a row may hold fewer (`count`): the rest of the lanes load as zeros
+// and are not stored. [note: tails as vectors] A row's tail runs the same vector code
+// as its body, so every element rounds alike (as torch's fused CPU Adam does).
 template <typename scalar_t, typename = void>
 struct VecIO {  // float, double: two plain vectors
   using opmath_t = scalar_t;
   using Vec = Vectorized<scalar_t>;
   static constexpr int64_t kWidth = 2 * Vec::size();
-  static void load(const scalar_t* ptr, Vec& lo, Vec& hi) {
-    lo = Vec::loadu(ptr);
-    hi = Vec::loadu(ptr + Vec::size());
+  template <typename Count = std::integral_constant<int64_t, kWidth>>
+  static void load(const scalar_t* ptr, Vec& lo, Vec& hi, Count count = {}) {
+    if (count == kWidth) {
+      lo = Vec::loadu(ptr);
+      hi = Vec::loadu(ptr + Vec::size());
+      return;
+    }
+    lo = Vec::loadu(ptr, std::min<int64_t>(count, Vec::size()));
+    hi = count > Vec::size() ? Vec::loadu(ptr + Vec::size(), count - Vec::size()) : Vec(scalar_t(0));
   }
-  static void store(scalar_t* ptr, const Vec& lo, const Vec& hi) {
-    lo.store(ptr);
-    hi.store(ptr + Vec::size());
+  template <typename Count = std::integral_constant<int64_t, kWidth>>
+  static void store(scalar_t* ptr, const Vec& lo, const Vec& hi, Count count = {}) {
+    if (count == kWidth) {
+      lo.store(ptr);
+      hi.store(ptr + Vec::size());
+      return;
+    }
+    lo.store(ptr, std::min<int64_t>(count, Vec::size()));
+    if (count > Vec::size()) hi.store(ptr + Vec::size(), count - Vec::size());
   }
 };
 
@@ -64,11 +122,20 @@ struct VecIO<scalar_t, std::enable_if_t<at::vec::is_reduced_floating_point_v<sca
   using opmath_t = float;
   using Vec = Vectorized<float>;
   static constexpr int64_t kWidth = Vectorized<scalar_t>::size();
-  static void load(const scalar_t* ptr, Vec& lo, Vec& hi) {
-    std::tie(lo, hi) = at::vec::convert_to_float<scalar_t>(Vectorized<scalar_t>::loadu(ptr));
+  template <typename Count = std::integral_constant<int64_t, kWidth>>
+  static void load(const scalar_t* ptr, Vec& lo, Vec& hi, Count count = {}) {
+    const auto loaded = count == kWidth ? Vectorized<scalar_t>::loadu(ptr) : Vectorized<scalar_t>::loadu(ptr, count);
+    std::tie(lo, hi) = at::vec::convert_to_float<scalar_t>(loaded);
   }
-  static void store(scalar_t* ptr, const Vec& lo, const Vec& hi) {
-    at::vec::convert_from_float<scalar_t>(lo, hi).store(ptr);
+  template <typename Count = std::integral_constant<int64_t, kWidth>>
+  static void store(scalar_t* ptr, const Vec& lo, const Vec& hi, Count count = {}) {
+    if (count == kWidth) at::vec::convert_from_float<scalar_t>(lo, hi).store(ptr);
+    else at::vec::convert_from_float<scalar_t>(lo, hi).store(ptr, count);
+  }
+  // lo, hi rounded to scalar_t (to nearest even) and back to float.
+  static void load_rounded(const Vec& lo, const Vec& hi, Vec& rounded_lo, Vec& rounded_hi) {
+    std::tie(rounded_lo, rounded_hi) =
+        at::vec::convert_to_float<scalar_t>(at::vec::convert_from_float<scalar_t>(lo, hi));
   }
 };
 
@@ -176,11 +243,24 @@ std::optional<opmath_t> optional_scalar(const std::optional<at::Tensor>& t) {
   return static_cast<opmath_t>(t->item<double>());
 }
 
-void check_flat(const at::Tensor& flat, const at::Tensor& param, const char* name) {
-  TORCH_CHECK(flat.device() == param.device() && flat.scalar_type() == param.scalar_type() &&
+// A state buffer: laid out like param, of `dtype`.
+void check_flat(const at::Tensor& flat, const at::Tensor& param, at::ScalarType dtype, const char* name) {
+  TORCH_CHECK(flat.device() == param.device() && flat.scalar_type() == dtype &&
                   flat.numel() == param.numel() && flat.is_contiguous(),
               "fusedopt: ", name, " must be a contiguous buffer like param (", param.numel(),
-              " elements of ", param.scalar_type(), ")");
+              " elements of ", dtype, ")");
+}
+
+// The dtype of the state buffers, checked against the param's: the param's own, or
+// float32/bfloat16/float16 for a param computed in float (float32, bfloat16, float16).
+at::ScalarType check_state_dtype(const at::Tensor& state, const at::Tensor& param) {
+  const auto dtype = state.scalar_type();
+  const bool float_opmath = param.scalar_type() != at::kDouble;
+  TORCH_CHECK(dtype == param.scalar_type() ||
+                  (float_opmath && (dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf)),
+              "fusedopt: state of dtype ", dtype, " is not supported for ", param.scalar_type(),
+              " params (float32, bfloat16 or float16 state needs float32, bfloat16 or float16 params)");
+  return dtype;
 }
 
 // Validates the segments/grads contract of segment_table.h. Returns whether the grads
@@ -224,16 +304,133 @@ bool check_segments_and_grads(const at::Tensor& param, const at::Tensor& step,
   return flat_grads;
 }
 
-template <typename scalar_t, bool amsgrad>
-void adam_kernel(scalar_t* param, scalar_t* exp_avg, scalar_t* exp_avg_sq, scalar_t* max_exp_avg_sq,
-                 const float* step, const at::TensorList grads, bool flat_grads, const int64_t* seg,
-                 const std::vector<WorkItem>& items, double lr, double beta1, double beta2,
-                 double weight_decay, double eps, bool decoupled, bool maximize,
+// How values are rounded when stored: to nearest even, or (with a key) stochastically
+// for bfloat16 storage (optimizer_math.h, [note: rounding on store]).
+struct Rounding {
+  bool stochastic;
+  uint32_t key;
+};
+
+// The random bits of one block of kWidth elements (two vectors) for up to four stored
+// values: the element hash once, then each pair's (optimizer_math.h, [note: random bits]).
+struct BlockBits {
+  Bits lo[2], hi[2];  // [pair]
+
+  BlockBits(const Rounding& rounding, int64_t index, int pairs) {
+    // rounding_counter of lanes 0..n-1, relative to the block's first element.
+    alignas(64) static const std::array<int32_t, 32> kLaneCounters = [] {
+      std::array<int32_t, 32> lanes{};
+      for (uint32_t lane = 0; lane < 32; ++lane) lanes[lane] = static_cast<int32_t>(lane * 0x9e3779b1u);
+      return lanes;
+    }();
+    static_assert(2 * Bits::size() <= 32);
+    const Bits base(static_cast<int32_t>(rounding_counter(static_cast<uint32_t>(index), rounding.key)));
+    const Bits first = base + Bits::loadu(kLaneCounters.data());
+    const Bits second = base + Bits::loadu(kLaneCounters.data() + Bits::size());
+    const Bits hash_lo = mix_bits(first), hash_hi = mix_bits(second);
+    lo[0] = hash_lo;
+    hi[0] = hash_hi;
+    if (pairs > 1) {
+      lo[1] = rounding_pair_hash(hash_lo, 1);
+      hi[1] = rounding_pair_hash(hash_hi, 1);
+    }
+  }
+};
+
+// Stores kWidth opmath values (count of them) at ptr as storage type T, rounding
+// stochastically with `bits` (value `slot`'s half of them) when given.
+template <typename T, typename Vec, typename Count>
+inline void store_rounded(T* ptr, Vec lo, Vec hi, const BlockBits* bits, int slot, Count count) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if (bits != nullptr) {
+      const Bits random_lo = rounding_half(bits->lo[slot >> 1], slot);
+      const Bits random_hi = rounding_half(bits->hi[slot >> 1], slot);
+#if defined(CPU_CAPABILITY_AVX512)
+      // round_stochastic_to_bfloat16, with its truncation done by taking the high half
+      // (the general path would round the already-rounded value to nearest once more).
+      auto high_half = [](Vec x, Bits random) {
+        const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(float_bits(x), random), 16);
+        const __mmask16 is_number = _mm512_cmp_ps_mask(x, x, _CMP_ORD_Q);
+        return _mm512_mask_blend_epi32(is_number, _mm512_set1_epi32(0xffff), rounded);  // NaN as at::vec
+      };
+      const __m512i packed = _mm512_permutexvar_epi64(_mm512_set_epi64(7, 5, 3, 1, 6, 4, 2, 0),
+                                                      _mm512_packus_epi32(high_half(lo, random_lo),
+                                                                          high_half(hi, random_hi)));
+      if (count == VecIO<T>::kWidth) {
+        _mm512_storeu_si512(ptr, packed);
+      } else {
+        _mm512_mask_storeu_epi16(ptr, (__mmask32)((1ull << count) - 1), packed);
+      }
+      return;
+#else
+      lo = round_stochastic_to_bfloat16(lo, random_lo);
+      hi = round_stochastic_to_bfloat16(hi, random_hi);
+#endif
+    }
+  }
+  VecIO<T>::store(ptr, lo, hi, count);
+}
+
+// Whether any store of these dtypes can round stochastically (only bfloat16 ones do).
+template <typename scalar_t, typename state_t>
+constexpr bool kMayRoundStochastically =
+    std::is_same_v<scalar_t, c10::BFloat16> || std::is_same_v<state_t, c10::BFloat16>;
+
+// The param as the update sees it: its value, or with master weights the fp32 master,
+// unless the param was changed behind it ([note: master weights follow the param]).
+template <typename scalar_t, typename Vec, typename Count>
+inline void load_param(const scalar_t* param, const float* master, Vec& lo, Vec& hi, Count count) {
+  VecIO<scalar_t>::load(param, lo, hi, count);
+  if constexpr (at::vec::is_reduced_floating_point_v<scalar_t>) {
+    if (master != nullptr) {
+      Vec m0, m1, r0, r1;
+      VecIO<float>::load(master, m0, m1, count);
+      // The master's rounding to the param's dtype, back in float.
+      VecIO<scalar_t>::load_rounded(m0, m1, r0, r1);
+      lo = master_or_param(m0, r0, lo);
+      hi = master_or_param(m1, r1, hi);
+    }
+  }
+}
+
+// Stores the updated param: into the master and its rounding (to nearest even) into
+// the param, or into the param rounded as asked.
+template <typename scalar_t, typename Vec, typename Count>
+inline void store_param(scalar_t* param, float* master, Vec lo, Vec hi, const BlockBits* bits, Count count) {
+  if constexpr (at::vec::is_reduced_floating_point_v<scalar_t>) {
+    if (master != nullptr) {
+      VecIO<float>::store(master, lo, hi, count);
+      VecIO<scalar_t>::store(param, lo, hi, count);
+      return;
+    }
+  }
+  store_rounded(param, lo, hi, bits, 0, count);
+}
+
+// Calls block(i, count) over [0, n) in blocks of kWidth: full blocks with a count the
+// compiler sees as constant, then a partial one ([note: tails as vectors]).
+template <int64_t kWidth, typename Block>
+inline void for_each_block(int64_t n, const Block& block) {
+  int64_t i = 0;
+  for (; i + kWidth <= n; i += kWidth) block(i, std::integral_constant<int64_t, kWidth>{});
+  if (i < n) block(i, n - i);
+}
+
+// Adam over the work items. Params are scalar_t (with an optional float32 master
+// copy), the moments state_t; both load into the same opmath vectors.
+template <typename scalar_t, typename state_t, bool amsgrad>
+void adam_kernel(scalar_t* param, float* master, state_t* exp_avg, state_t* exp_avg_sq,
+                 state_t* max_exp_avg_sq, const float* step, const at::TensorList grads, bool flat_grads,
+                 const int64_t* seg, const std::vector<WorkItem>& items, double lr, double beta1,
+                 double beta2, double weight_decay, double eps, bool decoupled, bool maximize,
                  std::optional<at::opmath_type<scalar_t>> grad_scale,
-                 std::optional<at::opmath_type<scalar_t>> grad_multiplier, bool zero_grads) {
+                 std::optional<at::opmath_type<scalar_t>> grad_multiplier, bool zero_grads,
+                 Rounding rounding) {
   using IO = VecIO<scalar_t>;
+  using SIO = VecIO<state_t>;
   using opmath_t = typename IO::opmath_t;
   using Vec = typename IO::Vec;
+  static_assert(IO::kWidth == SIO::kWidth && std::is_same_v<opmath_t, typename SIO::opmath_t>);
   const opmath_t* scale_ptr = grad_scale ? &*grad_scale : nullptr;
   const opmath_t* multiplier_ptr = grad_multiplier ? &*grad_multiplier : nullptr;
 
@@ -247,48 +444,50 @@ void adam_kernel(scalar_t* param, scalar_t* exp_avg, scalar_t* exp_avg_sq, scala
       const auto src = grad_source<scalar_t>(grads, flat_grads, row, item.segment);
       for_each_contiguous_grad_block(src, item.begin, item.end, zero_grads,
                                      [&](int64_t i0, int64_t n, const scalar_t* g) {
-        scalar_t* p = param + base + i0;
-        scalar_t* m = exp_avg + base + i0;
-        scalar_t* v = exp_avg_sq + base + i0;
-        scalar_t* vmax = amsgrad ? max_exp_avg_sq + base + i0 : nullptr;
-        int64_t i = 0;
-        for (; i + IO::kWidth <= n; i += IO::kWidth) {
+        const int64_t first_index = base + i0;
+        scalar_t* p = param + first_index;
+        float* pm = master != nullptr ? master + first_index : nullptr;
+        state_t* m = exp_avg + first_index;
+        state_t* v = exp_avg_sq + first_index;
+        state_t* vmax = amsgrad ? max_exp_avg_sq + first_index : nullptr;
+        for_each_block<IO::kWidth>(n, [&](int64_t i, auto count) {
           Vec p0, p1, g0, g1, m0, m1, v0, v1, x0, x1;
-          IO::load(p + i, p0, p1);
-          IO::load(g + i, g0, g1);
-          IO::load(m + i, m0, m1);
-          IO::load(v + i, v0, v1);
-          if constexpr (amsgrad) IO::load(vmax + i, x0, x1);
+          load_param(p + i, pm != nullptr ? pm + i : nullptr, p0, p1, count);
+          IO::load(g + i, g0, g1, count);
+          SIO::load(m + i, m0, m1, count);
+          SIO::load(v + i, v0, v1, count);
+          if constexpr (amsgrad) SIO::load(vmax + i, x0, x1, count);
           adam_update<amsgrad>(p0, effective_grad(g0, scale_ptr, multiplier_ptr, maximize), m0, v0, x0, c);
           adam_update<amsgrad>(p1, effective_grad(g1, scale_ptr, multiplier_ptr, maximize), m1, v1, x1, c);
-          IO::store(p + i, p0, p1);
-          IO::store(m + i, m0, m1);
-          IO::store(v + i, v0, v1);
-          if constexpr (amsgrad) IO::store(vmax + i, x0, x1);
-        }
-        for (; i < n; ++i) {  // tail: the same math on scalars
-          opmath_t ps = p[i], ms = m[i], vs = v[i], xs = amsgrad ? opmath_t(vmax[i]) : opmath_t(0);
-          adam_update<amsgrad>(ps, effective_grad(opmath_t(g[i]), scale_ptr, multiplier_ptr, maximize),
-                               ms, vs, xs, c);
-          p[i] = ps;
-          m[i] = ms;
-          v[i] = vs;
-          if constexpr (amsgrad) vmax[i] = xs;
-        }
+          auto store = [&](const BlockBits* bits) {
+            store_param(p + i, pm != nullptr ? pm + i : nullptr, p0, p1, bits, count);
+            store_rounded(m + i, m0, m1, bits, 1, count);
+            store_rounded(v + i, v0, v1, bits, 2, count);
+            if constexpr (amsgrad) store_rounded(vmax + i, x0, x1, bits, 3, count);
+          };
+          if (kMayRoundStochastically<scalar_t, state_t> && rounding.stochastic) {
+            const BlockBits bits(rounding, first_index + i, 2);  // (param, m), (v, vmax)
+            store(&bits);
+          } else {
+            store(nullptr);
+          }
+        });
       });
     }
   });
 }
 
-template <typename scalar_t, bool has_momentum, bool nesterov>
-void sgd_kernel(scalar_t* param, scalar_t* momentum_buffer, const std::vector<uint8_t>& first_step,
+template <typename scalar_t, typename state_t, bool has_momentum, bool nesterov>
+void sgd_kernel(scalar_t* param, float* master, state_t* momentum_buffer, const std::vector<uint8_t>& first_step,
                 const at::TensorList grads, bool flat_grads, const int64_t* seg,
                 const std::vector<WorkItem>& items, double lr, double momentum, double dampening,
                 double weight_decay, bool maximize, std::optional<at::opmath_type<scalar_t>> grad_scale,
-                std::optional<at::opmath_type<scalar_t>> grad_multiplier, bool zero_grads) {
+                std::optional<at::opmath_type<scalar_t>> grad_multiplier, bool zero_grads, Rounding rounding) {
   using IO = VecIO<scalar_t>;
+  using SIO = VecIO<state_t>;
   using opmath_t = typename IO::opmath_t;
   using Vec = typename IO::Vec;
+  static_assert(IO::kWidth == SIO::kWidth && std::is_same_v<opmath_t, typename SIO::opmath_t>);
   const opmath_t* scale_ptr = grad_scale ? &*grad_scale : nullptr;
   const opmath_t* multiplier_ptr = grad_multiplier ? &*grad_multiplier : nullptr;
   const auto c = sgd_coefficients<opmath_t>(lr, momentum, dampening, weight_decay);
@@ -302,31 +501,67 @@ void sgd_kernel(scalar_t* param, scalar_t* momentum_buffer, const std::vector<ui
       const auto src = grad_source<scalar_t>(grads, flat_grads, row, item.segment);
       for_each_contiguous_grad_block(src, item.begin, item.end, zero_grads,
                                      [&](int64_t i0, int64_t n, const scalar_t* g) {
-        scalar_t* p = param + base + i0;
-        scalar_t* buf = has_momentum ? momentum_buffer + base + i0 : nullptr;
-        int64_t i = 0;
-        for (; i + IO::kWidth <= n; i += IO::kWidth) {
+        const int64_t first_index = base + i0;
+        scalar_t* p = param + first_index;
+        float* pm = master != nullptr ? master + first_index : nullptr;
+        state_t* buf = has_momentum ? momentum_buffer + first_index : nullptr;
+        for_each_block<IO::kWidth>(n, [&](int64_t i, auto count) {
           Vec p0, p1, g0, g1, b0, b1;
-          IO::load(p + i, p0, p1);
-          IO::load(g + i, g0, g1);
-          if constexpr (has_momentum) IO::load(buf + i, b0, b1);
+          load_param(p + i, pm != nullptr ? pm + i : nullptr, p0, p1, count);
+          IO::load(g + i, g0, g1, count);
+          if constexpr (has_momentum) SIO::load(buf + i, b0, b1, count);
           sgd_update<has_momentum, nesterov>(p0, effective_grad(g0, scale_ptr, multiplier_ptr, maximize),
                                              b0, first_time, c);
           sgd_update<has_momentum, nesterov>(p1, effective_grad(g1, scale_ptr, multiplier_ptr, maximize),
                                              b1, first_time, c);
-          IO::store(p + i, p0, p1);
-          if constexpr (has_momentum) IO::store(buf + i, b0, b1);
-        }
-        for (; i < n; ++i) {
-          opmath_t ps = p[i], bs = has_momentum ? opmath_t(buf[i]) : opmath_t(0);
-          sgd_update<has_momentum, nesterov>(
-              ps, effective_grad(opmath_t(g[i]), scale_ptr, multiplier_ptr, maximize), bs, first_time, c);
-          p[i] = ps;
-          if constexpr (has_momentum) buf[i] = bs;
-        }
+          auto store = [&](const BlockBits* bits) {
+            store_param(p + i, pm != nullptr ? pm + i : nullptr, p0, p1, bits, count);
+            if constexpr (has_momentum) store_rounded(buf + i, b0, b1, bits, 1, count);
+          };
+          if (kMayRoundStochastically<scalar_t, state_t> && rounding.stochastic) {
+            const BlockBits bits(rounding, first_index + i, 1);
+            store(&bits);
+          } else {
+            store(nullptr);
+          }
+        });
       });
     }
   });
+}
+
+// The float32 master copy, and how values are rounded on store.
+float* check_master(const std::optional<at::Tensor>& master_param, const at::Tensor& param) {
+  if (!master_param.has_value()) return nullptr;
+  TORCH_CHECK(param.scalar_type() == at::kBFloat16 || param.scalar_type() == at::kHalf,
+              "fusedopt: master_param is for bfloat16 or float16 params, got ", param.scalar_type());
+  check_flat(*master_param, param, at::kFloat, "master_param");
+  return master_param->data_ptr<float>();
+}
+
+Rounding rounding_of(const std::optional<at::Tensor>& rounding_seed, bool has_master) {
+  if (!rounding_seed.has_value()) return {false, 0};
+  TORCH_CHECK(rounding_seed->numel() == 1 && rounding_seed->scalar_type() == at::kLong,
+              "fusedopt: rounding_seed must be one int64");
+  TORCH_CHECK(!has_master, "fusedopt: stochastic rounding and master_param exclude each other "
+                           "(the param is the master's rounding to nearest)");
+  return {true, rounding_key(rounding_seed->item<int64_t>())};
+}
+
+// Calls f with a null state_t* for the state dtype: scalar_t's own, or (for params
+// computed in float) float32, bfloat16 or float16.
+template <typename scalar_t, typename F>
+void dispatch_state_dtype(at::ScalarType dtype, const F& f) {
+  if constexpr (std::is_same_v<scalar_t, double>) {
+    f(static_cast<double*>(nullptr));
+  } else {
+    switch (dtype) {
+      case at::kFloat: f(static_cast<float*>(nullptr)); break;
+      case at::kBFloat16: f(static_cast<c10::BFloat16*>(nullptr)); break;
+      case at::kHalf: f(static_cast<c10::Half*>(nullptr)); break;
+      default: TORCH_CHECK(false, "fusedopt: unsupported state dtype ", dtype);
+    }
+  }
 }
 
 // In-kernel zeroing covers contiguous grads; a strided grad is zeroed whole here, after
@@ -357,12 +592,16 @@ void adam_step_cpu(at::Tensor& param, at::Tensor& exp_avg, at::Tensor& exp_avg_s
                    double beta1, double beta2, double weight_decay, double eps, bool decoupled_weight_decay,
                    bool maximize, const std::optional<at::Tensor>& grad_scale,
                    const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& grad_multiplier,
-                   bool zero_grads) {
+                   bool zero_grads, const std::optional<at::Tensor>& master_param,
+                   const std::optional<at::Tensor>& rounding_seed) {
   const bool flat_grads = check_segments_and_grads(param, step, grads, segments);
-  check_flat(exp_avg, param, "exp_avg");
-  check_flat(exp_avg_sq, param, "exp_avg_sq");
+  const at::ScalarType state_dtype = check_state_dtype(exp_avg, param);
+  check_flat(exp_avg, param, state_dtype, "exp_avg");
+  check_flat(exp_avg_sq, param, state_dtype, "exp_avg_sq");
   const bool amsgrad = max_exp_avg_sq.has_value();
-  if (amsgrad) check_flat(*max_exp_avg_sq, param, "max_exp_avg_sq");
+  if (amsgrad) check_flat(*max_exp_avg_sq, param, state_dtype, "max_exp_avg_sq");
+  float* master = check_master(master_param, param);
+  const Rounding rounding = rounding_of(rounding_seed, master != nullptr);
   const std::array<double, 3> hyper = scheduled_values<3>({lr, beta1, beta2}, scheduled);  // lr, beta1, beta2
   if (skip_step(found_inf)) {
     zero_grads_of_skipped_step(grads, zero_grads);
@@ -374,15 +613,18 @@ void adam_step_cpu(at::Tensor& param, at::Tensor& exp_avg, at::Tensor& exp_avg_s
   const auto items = split_segments(seg, segments.size(0));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, param.scalar_type(), "fusedopt::adam_step_", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
-    auto run = [&](auto amsgrad_tag) {
-      adam_kernel<scalar_t, decltype(amsgrad_tag)::value>(
-          param.data_ptr<scalar_t>(), exp_avg.data_ptr<scalar_t>(), exp_avg_sq.data_ptr<scalar_t>(),
-          amsgrad ? max_exp_avg_sq->data_ptr<scalar_t>() : nullptr, step.data_ptr<float>(), grads,
-          flat_grads, seg, items, hyper[0], hyper[1], hyper[2], weight_decay, eps, decoupled_weight_decay,
-          maximize, optional_scalar<opmath_t>(grad_scale), optional_scalar<opmath_t>(grad_multiplier),
-          zero_grads);
-    };
-    amsgrad ? run(std::true_type{}) : run(std::false_type{});
+    dispatch_state_dtype<scalar_t>(state_dtype, [&](auto* state_tag) {
+      using state_t = std::remove_pointer_t<decltype(state_tag)>;
+      auto run = [&](auto amsgrad_tag) {
+        adam_kernel<scalar_t, state_t, decltype(amsgrad_tag)::value>(
+            param.data_ptr<scalar_t>(), master, exp_avg.data_ptr<state_t>(), exp_avg_sq.data_ptr<state_t>(),
+            amsgrad ? max_exp_avg_sq->data_ptr<state_t>() : nullptr, step.data_ptr<float>(), grads,
+            flat_grads, seg, items, hyper[0], hyper[1], hyper[2], weight_decay, eps, decoupled_weight_decay,
+            maximize, optional_scalar<opmath_t>(grad_scale), optional_scalar<opmath_t>(grad_multiplier),
+            zero_grads, rounding);
+      };
+      amsgrad ? run(std::true_type{}) : run(std::false_type{});
+    });
   });
   zero_strided_grads(grads, flat_grads, zero_grads);
 }
@@ -392,10 +634,15 @@ void sgd_step_cpu(at::Tensor& param, const std::optional<at::Tensor>& momentum_b
                   const std::optional<at::Tensor>& scheduled, double momentum, double dampening,
                   double weight_decay, bool nesterov, bool maximize, const std::optional<at::Tensor>& grad_scale,
                   const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& grad_multiplier,
-                  bool zero_grads) {
+                  bool zero_grads, const std::optional<at::Tensor>& master_param,
+                  const std::optional<at::Tensor>& rounding_seed) {
   const bool flat_grads = check_segments_and_grads(param, step, grads, segments);
   const bool has_momentum = momentum_buffer.has_value();
-  if (has_momentum) check_flat(*momentum_buffer, param, "momentum_buffer");
+  const at::ScalarType state_dtype =
+      has_momentum ? check_state_dtype(*momentum_buffer, param) : param.scalar_type();
+  if (has_momentum) check_flat(*momentum_buffer, param, state_dtype, "momentum_buffer");
+  float* master = check_master(master_param, param);
+  const Rounding rounding = rounding_of(rounding_seed, master != nullptr);
   const std::array<double, 2> hyper = scheduled_values<2>({lr, momentum}, scheduled);  // lr, momentum
   if (skip_step(found_inf)) {
     zero_grads_of_skipped_step(grads, zero_grads);
@@ -413,16 +660,22 @@ void sgd_step_cpu(at::Tensor& param, const std::optional<at::Tensor>& momentum_b
   const auto items = split_segments(seg, num_segments);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, param.scalar_type(), "fusedopt::sgd_step_", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
-    auto run = [&](auto momentum_tag, auto nesterov_tag) {
-      sgd_kernel<scalar_t, decltype(momentum_tag)::value, decltype(nesterov_tag)::value>(
-          param.data_ptr<scalar_t>(), has_momentum ? momentum_buffer->data_ptr<scalar_t>() : nullptr,
+    auto run = [&](auto* state_tag, auto momentum_tag, auto nesterov_tag) {
+      using state_t = std::remove_pointer_t<decltype(state_tag)>;
+      sgd_kernel<scalar_t, state_t, decltype(momentum_tag)::value, decltype(nesterov_tag)::value>(
+          param.data_ptr<scalar_t>(), master, has_momentum ? momentum_buffer->data_ptr<state_t>() : nullptr,
           first_step, grads, flat_grads, seg, items, hyper[0], hyper[1], dampening, weight_decay,
           maximize, optional_scalar<opmath_t>(grad_scale), optional_scalar<opmath_t>(grad_multiplier),
-          zero_grads);
+          zero_grads, rounding);
     };
-    if (!has_momentum) run(std::false_type{}, std::false_type{});
-    else if (nesterov) run(std::true_type{}, std::true_type{});
-    else run(std::true_type{}, std::false_type{});
+    if (!has_momentum) {
+      run(static_cast<scalar_t*>(nullptr), std::false_type{}, std::false_type{});
+      return;
+    }
+    dispatch_state_dtype<scalar_t>(state_dtype, [&](auto* state_tag) {
+      if (nesterov) run(state_tag, std::true_type{}, std::true_type{});
+      else run(state_tag, std::true_type{}, std::false_type{});
+    });
   });
   zero_strided_grads(grads, flat_grads, zero_grads);
 }

@@ -126,22 +126,23 @@ adam_prepare_kernel(const int64_t* __restrict__ segments, int64_t num_segments, 
                                                 hyper.decoupled_weight_decay, static_cast<double>(counter));
 }
 
-template <typename scalar_t>
+template <typename scalar_t, typename state_t>
 struct AdamBuffers {
   scalar_t* param;
-  scalar_t* exp_avg;
-  scalar_t* exp_avg_sq;
-  scalar_t* max_exp_avg_sq;
+  float* master;  // the float32 master copy, or nullptr
+  state_t* exp_avg;
+  state_t* exp_avg_sq;
+  state_t* max_exp_avg_sq;
   bool aligned;  // every base pointer is 16-byte aligned
 };
 
-template <typename scalar_t, bool amsgrad>
+template <typename scalar_t, typename state_t, bool amsgrad, bool kMaster>
 __global__ void __launch_bounds__(kThreadsPerBlock)
-adam_kernel(AdamBuffers<scalar_t> buffers, RowWalk walk,
+adam_kernel(AdamBuffers<scalar_t, state_t> buffers, RowWalk walk,
             const AdamCoefficients<at::opmath_type<scalar_t>>* __restrict__ coefficients,
-            GradTransform transform, ScalarArg found_inf, bool zero_grads) {
+            GradTransform transform, ScalarArg found_inf, bool zero_grads, RoundingArg rounding) {
   using opmath_t = at::opmath_type<scalar_t>;
-  constexpr int kStates = amsgrad ? 4 : 3;
+  constexpr int kStates = amsgrad ? 3 : 2;
   if (found_inf.is_set()) {
     if (zero_grads) zero_owned_grads<scalar_t>(walk);
     return;
@@ -150,21 +151,22 @@ adam_kernel(AdamBuffers<scalar_t> buffers, RowWalk walk,
   for_each_owned_row<scalar_t>(walk, [&](int64_t row, int64_t flat_offset, int64_t j0, int64_t j1,
                                          const GradRef<scalar_t>& grad) {
     const AdamCoefficients<opmath_t> c = coefficients[row];
-    RowState<scalar_t, kStates> state;
-    state.ptr[0] = buffers.param + flat_offset;
-    state.ptr[1] = buffers.exp_avg + flat_offset;
-    state.ptr[2] = buffers.exp_avg_sq + flat_offset;
-    if constexpr (amsgrad) state.ptr[3] = buffers.max_exp_avg_sq + flat_offset;
-    const bool vector_state = buffers.aligned && (flat_offset + j0) % Pack<scalar_t>::kSize == 0;
-    update_row_elements(state, grad, j0, j1, vector_state, zero_grads,
-                        [&](opmath_t (&v)[kStates], opmath_t g) {
-      if constexpr (amsgrad) {
-        adam_update<true>(v[0], grad_of(g), v[1], v[2], v[3], c);
-      } else {
-        opmath_t unused_max_exp_avg_sq = 0;
-        adam_update<false>(v[0], grad_of(g), v[1], v[2], unused_max_exp_avg_sq, c);
-      }
-    });
+    RowState<scalar_t, state_t, kStates> state;
+    state.param = buffers.param + flat_offset;
+    state.master = kMaster ? buffers.master + flat_offset : nullptr;
+    state.state[0] = buffers.exp_avg + flat_offset;
+    state.state[1] = buffers.exp_avg_sq + flat_offset;
+    if constexpr (amsgrad) state.state[2] = buffers.max_exp_avg_sq + flat_offset;
+    update_row_elements<scalar_t, state_t, kMaster>(
+        state, flat_offset, grad, j0, j1, buffers.aligned, zero_grads, rounding,
+        [&](opmath_t& p, opmath_t (&v)[kStates], opmath_t g) {
+          if constexpr (amsgrad) {
+            adam_update<true>(p, grad_of(g), v[0], v[1], v[2], c);
+          } else {
+            opmath_t unused_max_exp_avg_sq = 0;
+            adam_update<false>(p, grad_of(g), v[0], v[1], unused_max_exp_avg_sq, c);
+          }
+        });
   });
 }
 
@@ -194,20 +196,21 @@ sgd_prepare_kernel(const int64_t* __restrict__ segments, int64_t num_segments, f
   if (momentum != 0.0) counter += 1.0f;
 }
 
-template <typename scalar_t>
+template <typename scalar_t, typename state_t>
 struct SgdBuffers {
   scalar_t* param;
-  scalar_t* momentum_buffer;
+  float* master;  // the float32 master copy, or nullptr
+  state_t* momentum_buffer;
   bool aligned;
 };
 
-template <typename scalar_t, bool has_momentum, bool nesterov>
+template <typename scalar_t, typename state_t, bool has_momentum, bool nesterov, bool kMaster>
 __global__ void __launch_bounds__(kThreadsPerBlock)
-sgd_kernel(SgdBuffers<scalar_t> buffers, RowWalk walk,
+sgd_kernel(SgdBuffers<scalar_t, state_t> buffers, RowWalk walk,
            const SgdRowCoefficients<at::opmath_type<scalar_t>>* __restrict__ coefficients,
-           GradTransform transform, ScalarArg found_inf, bool zero_grads) {
+           GradTransform transform, ScalarArg found_inf, bool zero_grads, RoundingArg rounding) {
   using opmath_t = at::opmath_type<scalar_t>;
-  constexpr int kStates = has_momentum ? 2 : 1;
+  constexpr int kStates = has_momentum ? 1 : 0;
   if (found_inf.is_set()) {
     if (zero_grads) zero_owned_grads<scalar_t>(walk);
     return;
@@ -216,19 +219,20 @@ sgd_kernel(SgdBuffers<scalar_t> buffers, RowWalk walk,
   for_each_owned_row<scalar_t>(walk, [&](int64_t row, int64_t flat_offset, int64_t j0, int64_t j1,
                                          const GradRef<scalar_t>& grad) {
     const SgdRowCoefficients<opmath_t> rc = coefficients[row];
-    RowState<scalar_t, kStates> state;
-    state.ptr[0] = buffers.param + flat_offset;
-    if constexpr (has_momentum) state.ptr[1] = buffers.momentum_buffer + flat_offset;
-    const bool vector_state = buffers.aligned && (flat_offset + j0) % Pack<scalar_t>::kSize == 0;
-    update_row_elements(state, grad, j0, j1, vector_state, zero_grads,
-                        [&](opmath_t (&v)[kStates], opmath_t g) {
-      if constexpr (has_momentum) {
-        sgd_update<true, nesterov>(v[0], grad_of(g), v[1], rc.first_step, rc.c);
-      } else {
-        opmath_t unused_momentum_buffer = 0;
-        sgd_update<false, false>(v[0], grad_of(g), unused_momentum_buffer, rc.first_step, rc.c);
-      }
-    });
+    RowState<scalar_t, state_t, kStates> state;
+    state.param = buffers.param + flat_offset;
+    state.master = kMaster ? buffers.master + flat_offset : nullptr;
+    if constexpr (has_momentum) state.state[0] = buffers.momentum_buffer + flat_offset;
+    update_row_elements<scalar_t, state_t, kMaster>(
+        state, flat_offset, grad, j0, j1, buffers.aligned, zero_grads, rounding,
+        [&](opmath_t& p, opmath_t (&v)[kStates > 0 ? kStates : 1], opmath_t g) {
+          if constexpr (has_momentum) {
+            sgd_update<true, nesterov>(p, grad_of(g), v[0], rc.first_step, rc.c);
+          } else {
+            opmath_t unused_momentum_buffer = 0;
+            sgd_update<false, false>(p, grad_of(g), unused_momentum_buffer, rc.first_step, rc.c);
+          }
+        });
   });
 }
 
@@ -352,11 +356,77 @@ void check_float_dtype(const at::Tensor& t, const char* name) {
               "fusedopt: ", name, " must be float32, float64, float16 or bfloat16, got ", dtype);
 }
 
-void check_flat(const at::Tensor& flat, const at::Tensor& param, const char* name) {
-  TORCH_CHECK(flat.device() == param.device() && flat.scalar_type() == param.scalar_type() &&
+// A state buffer: laid out like param, of `dtype`.
+void check_flat(const at::Tensor& flat, const at::Tensor& param, at::ScalarType dtype, const char* name) {
+  TORCH_CHECK(flat.device() == param.device() && flat.scalar_type() == dtype &&
                   flat.numel() == param.numel() && flat.is_contiguous(),
               "fusedopt: ", name, " must be a contiguous buffer like param (", param.numel(),
-              " elements of ", param.scalar_type(), " on ", param.device(), ")");
+              " elements of ", dtype, " on ", param.device(), ")");
+}
+
+// The dtype of the state buffers: the param's own, or float32/bfloat16/float16 for a
+// param computed in float (as the CPU kernels).
+at::ScalarType check_state_dtype(const at::Tensor& state, const at::Tensor& param) {
+  const auto dtype = state.scalar_type();
+  const bool float_opmath = param.scalar_type() != at::kDouble;
+  TORCH_CHECK(dtype == param.scalar_type() ||
+                  (float_opmath && (dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf)),
+              "fusedopt: state of dtype ", dtype, " is not supported for ", param.scalar_type(),
+              " params (float32, bfloat16 or float16 state needs float32, bfloat16 or float16 params)");
+  return dtype;
+}
+
+float* check_master(const std::optional<at::Tensor>& master_param, const at::Tensor& param) {
+  if (!master_param.has_value()) return nullptr;
+  TORCH_CHECK(param.scalar_type() == at::kBFloat16 || param.scalar_type() == at::kHalf,
+              "fusedopt: master_param is for bfloat16 or float16 params, got ", param.scalar_type());
+  check_flat(*master_param, param, at::kFloat, "master_param");
+  return master_param->data_ptr<float>();
+}
+
+// The seed of stochastic rounding: read by the kernels on the device (no sync), or
+// passed by value from a CPU tensor.
+RoundingArg rounding_arg(const std::optional<at::Tensor>& rounding_seed, const at::Device& device,
+                         bool has_master) {
+  RoundingArg arg;
+  if (!rounding_seed.has_value()) return arg;
+  TORCH_CHECK(rounding_seed->numel() == 1 && rounding_seed->scalar_type() == at::kLong,
+              "fusedopt: rounding_seed must be one int64");
+  TORCH_CHECK(!has_master, "fusedopt: stochastic rounding and master_param exclude each other "
+                           "(the param is the master's rounding to nearest)");
+  arg.stochastic = true;
+  if (rounding_seed->is_cpu()) {
+    arg.seed = rounding_seed->item<int64_t>();
+  } else {
+    TORCH_CHECK(rounding_seed->device() == device, "fusedopt: rounding_seed is on ", rounding_seed->device(),
+                " but the buffers are on ", device);
+    arg.seed_ptr = rounding_seed->const_data_ptr<int64_t>();
+  }
+  return arg;
+}
+
+// Calls f with a null state_t* for the state dtype (as the CPU kernels).
+template <typename scalar_t, typename F>
+void dispatch_state_dtype(at::ScalarType dtype, const F& f) {
+  if constexpr (std::is_same_v<scalar_t, double>) {
+    f(static_cast<double*>(nullptr));
+  } else {
+    switch (dtype) {
+      case at::kFloat: f(static_cast<float*>(nullptr)); break;
+      case at::kBFloat16: f(static_cast<c10::BFloat16*>(nullptr)); break;
+      case at::kHalf: f(static_cast<c10::Half*>(nullptr)); break;
+      default: TORCH_CHECK(false, "fusedopt: unsupported state dtype ", dtype);
+    }
+  }
+}
+
+// Calls f with std::true_type when there is a master copy (bfloat16/float16 params only).
+template <typename scalar_t, typename F>
+void dispatch_master(bool has_master, const F& f) {
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16> || std::is_same_v<scalar_t, c10::Half>) {
+    if (has_master) return f(std::true_type{});
+  }
+  f(std::false_type{});
 }
 
 void check_param_step_segments(const at::Tensor& param, const at::Tensor& step, at::TensorList grads,
@@ -412,12 +482,16 @@ void adam_step_cuda(at::Tensor& param, at::Tensor& exp_avg, at::Tensor& exp_avg_
                     double beta1, double beta2, double weight_decay, double eps, bool decoupled_weight_decay,
                     bool maximize, const std::optional<at::Tensor>& grad_scale,
                     const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& grad_multiplier,
-                    bool zero_grads) {
+                    bool zero_grads, const std::optional<at::Tensor>& master_param,
+                    const std::optional<at::Tensor>& rounding_seed) {
   check_param_step_segments(param, step, grads, segments);
-  check_flat(exp_avg, param, "exp_avg");
-  check_flat(exp_avg_sq, param, "exp_avg_sq");
+  const at::ScalarType state_dtype = check_state_dtype(exp_avg, param);
+  check_flat(exp_avg, param, state_dtype, "exp_avg");
+  check_flat(exp_avg_sq, param, state_dtype, "exp_avg_sq");
   const bool amsgrad = max_exp_avg_sq.has_value();
-  if (amsgrad) check_flat(*max_exp_avg_sq, param, "max_exp_avg_sq");
+  if (amsgrad) check_flat(*max_exp_avg_sq, param, state_dtype, "max_exp_avg_sq");
+  float* master = check_master(master_param, param);
+  const RoundingArg rounding = rounding_arg(rounding_seed, param.device(), master != nullptr);
   const c10::cuda::CUDAGuard guard(param.device());
   const int64_t num_segments = segments.size(0);
   if (num_segments == 0) return;
@@ -440,19 +514,26 @@ void adam_step_cuda(at::Tensor& param, at::Tensor& exp_avg, at::Tensor& exp_avg_
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     if (plan.walk.space == 0) return;
     const GradTransform transform{inputs.grad_scale, inputs.grad_multiplier, maximize};
-    scalar_t* max_ptr = amsgrad ? max_exp_avg_sq->data_ptr<scalar_t>() : nullptr;
-    const bool aligned = is_16_byte_aligned(param.data_ptr()) && is_16_byte_aligned(exp_avg.data_ptr()) &&
-                         is_16_byte_aligned(exp_avg_sq.data_ptr()) && (!amsgrad || is_16_byte_aligned(max_ptr));
-    const AdamBuffers<scalar_t> buffers{param.data_ptr<scalar_t>(), exp_avg.data_ptr<scalar_t>(),
-                                        exp_avg_sq.data_ptr<scalar_t>(), max_ptr, aligned};
-    auto launch = [&](auto amsgrad_tag) {
-      constexpr auto kernel = adam_kernel<scalar_t, decltype(amsgrad_tag)::value>;
-      const int blocks = shape_launch(plan.walk, resident_blocks_per_sm<kernel>());
-      kernel<<<blocks, kThreadsPerBlock, 0, stream>>>(buffers, plan.walk, coefficients_ptr, transform,
-                                                      inputs.found_inf, zero_grads);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    };
-    amsgrad ? launch(std::true_type{}) : launch(std::false_type{});
+    dispatch_state_dtype<scalar_t>(state_dtype, [&](auto* state_tag) {
+      using state_t = std::remove_pointer_t<decltype(state_tag)>;
+      state_t* max_ptr = amsgrad ? max_exp_avg_sq->data_ptr<state_t>() : nullptr;
+      const bool aligned = is_16_byte_aligned(param.data_ptr()) && is_16_byte_aligned(exp_avg.data_ptr()) &&
+                           is_16_byte_aligned(exp_avg_sq.data_ptr()) && (!amsgrad || is_16_byte_aligned(max_ptr)) &&
+                           (master == nullptr || is_16_byte_aligned(master));
+      const AdamBuffers<scalar_t, state_t> buffers{param.data_ptr<scalar_t>(), master, exp_avg.data_ptr<state_t>(),
+                                                   exp_avg_sq.data_ptr<state_t>(), max_ptr, aligned};
+      auto launch = [&](auto amsgrad_tag, auto master_tag) {
+        constexpr auto kernel =
+            adam_kernel<scalar_t, state_t, decltype(amsgrad_tag)::value, decltype(master_tag)::value>;
+        const int blocks = shape_launch(plan.walk, resident_blocks_per_sm<kernel>());
+        kernel<<<blocks, kThreadsPerBlock, 0, stream>>>(buffers, plan.walk, coefficients_ptr, transform,
+                                                        inputs.found_inf, zero_grads, rounding);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      };
+      dispatch_master<scalar_t>(master != nullptr, [&](auto master_tag) {
+        amsgrad ? launch(std::true_type{}, master_tag) : launch(std::false_type{}, master_tag);
+      });
+    });
   });
 }
 
@@ -461,10 +542,15 @@ void sgd_step_cuda(at::Tensor& param, const std::optional<at::Tensor>& momentum_
                    const std::optional<at::Tensor>& scheduled, double momentum, double dampening,
                    double weight_decay, bool nesterov, bool maximize, const std::optional<at::Tensor>& grad_scale,
                    const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& grad_multiplier,
-                   bool zero_grads) {
+                   bool zero_grads, const std::optional<at::Tensor>& master_param,
+                   const std::optional<at::Tensor>& rounding_seed) {
   check_param_step_segments(param, step, grads, segments);
   const bool has_momentum = momentum_buffer.has_value();
-  if (has_momentum) check_flat(*momentum_buffer, param, "momentum_buffer");
+  const at::ScalarType state_dtype =
+      has_momentum ? check_state_dtype(*momentum_buffer, param) : param.scalar_type();
+  if (has_momentum) check_flat(*momentum_buffer, param, state_dtype, "momentum_buffer");
+  float* master = check_master(master_param, param);
+  const RoundingArg rounding = rounding_arg(rounding_seed, param.device(), master != nullptr);
   const c10::cuda::CUDAGuard guard(param.device());
   const int64_t num_segments = segments.size(0);
   if (num_segments == 0) return;
@@ -485,22 +571,31 @@ void sgd_step_cuda(at::Tensor& param, const std::optional<at::Tensor>& momentum_
         SgdHyper{lr, momentum, dampening, weight_decay}, inputs.scheduled, inputs.found_inf, coefficients_ptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     if (plan.walk.space == 0) return;
-    scalar_t* buffer_ptr = has_momentum ? momentum_buffer->data_ptr<scalar_t>() : nullptr;
-    const SgdBuffers<scalar_t> buffers{
-        param.data_ptr<scalar_t>(), buffer_ptr,
-        is_16_byte_aligned(param.data_ptr()) && (!has_momentum || is_16_byte_aligned(buffer_ptr))};
     const GradTransform transform{inputs.grad_scale, inputs.grad_multiplier, maximize};
-    auto launch = [&](auto momentum_tag, auto nesterov_tag) {
-      constexpr auto kernel =
-          sgd_kernel<scalar_t, decltype(momentum_tag)::value, decltype(nesterov_tag)::value>;
+    auto launch = [&](auto* state_tag, auto momentum_tag, auto nesterov_tag, auto master_tag) {
+      using state_t = std::remove_pointer_t<decltype(state_tag)>;
+      state_t* buffer_ptr = has_momentum ? momentum_buffer->data_ptr<state_t>() : nullptr;
+      const SgdBuffers<scalar_t, state_t> buffers{
+          param.data_ptr<scalar_t>(), master, buffer_ptr,
+          is_16_byte_aligned(param.data_ptr()) && (!has_momentum || is_16_byte_aligned(buffer_ptr)) &&
+              (master == nullptr || is_16_byte_aligned(master))};
+      constexpr auto kernel = sgd_kernel<scalar_t, state_t, decltype(momentum_tag)::value,
+                                         decltype(nesterov_tag)::value, decltype(master_tag)::value>;
       const int blocks = shape_launch(plan.walk, resident_blocks_per_sm<kernel>());
       kernel<<<blocks, kThreadsPerBlock, 0, stream>>>(buffers, plan.walk, coefficients_ptr, transform,
-                                                      inputs.found_inf, zero_grads);
+                                                      inputs.found_inf, zero_grads, rounding);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
-    if (!has_momentum) launch(std::false_type{}, std::false_type{});
-    else if (nesterov) launch(std::true_type{}, std::true_type{});
-    else launch(std::true_type{}, std::false_type{});
+    dispatch_master<scalar_t>(master != nullptr, [&](auto master_tag) {
+      if (!has_momentum) {
+        launch(static_cast<scalar_t*>(nullptr), std::false_type{}, std::false_type{}, master_tag);
+        return;
+      }
+      dispatch_state_dtype<scalar_t>(state_dtype, [&](auto* state_tag) {
+        if (nesterov) launch(state_tag, std::true_type{}, std::true_type{}, master_tag);
+        else launch(state_tag, std::true_type{}, std::false_type{}, master_tag);
+      });
+    });
   });
 }
 
