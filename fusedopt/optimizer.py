@@ -646,9 +646,9 @@ class FusedOptimizer(Optimizer):
         # grad): autograd must see it. Bumped before the kernel, while the check has just
         # brought these tensors into cache (after it they cost a cache miss each).
         if not skipped:
-            torch.autograd.graph.increment_version(c.updated_params())
+            _C.bump_versions(c.updated_params())
         if transform.zero_grads:
-            torch.autograd.graph.increment_version(c.grads)
+            _C.bump_versions(c.grads)
         buf.before_kernel()
         self._update_buffer(c.group, buf, buf.segments(rows), buf.kernel_grads(rows, c.grads, c.flat),
                             transform.on(buf.device))
