@@ -435,11 +435,18 @@ void adam_kernel(scalar_t* param, float* master, state_t* exp_avg, state_t* exp_
   const opmath_t* multiplier_ptr = grad_multiplier ? &*grad_multiplier : nullptr;
 
   at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t first, int64_t last) {
+    // Rows mostly share their step: the double-precision powers are redone only when it
+    // changes (thousands of small tensors would otherwise pay two pow() each).
+    float coefficients_step = -1.0f;
+    AdamCoefficients<opmath_t> c;
     for (int64_t w = first; w < last; ++w) {
       const WorkItem& item = items[w];
       const int64_t* row = seg + item.segment * kSegmentColumns;
-      const auto c = adam_coefficients<opmath_t>(lr, beta1, beta2, weight_decay, eps, decoupled,
-                                                 static_cast<double>(step[row[kParamIndex]]));
+      const float row_step = step[row[kParamIndex]];
+      if (row_step != coefficients_step) {
+        c = adam_coefficients<opmath_t>(lr, beta1, beta2, weight_decay, eps, decoupled, static_cast<double>(row_step));
+        coefficients_step = row_step;
+      }
       const int64_t base = row[kFlatOffset];
       const auto src = grad_source<scalar_t>(grads, flat_grads, row, item.segment);
       for_each_contiguous_grad_block(src, item.begin, item.end, zero_grads,
