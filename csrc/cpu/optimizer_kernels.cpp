@@ -6,6 +6,7 @@
 // CPU, which registers these kernels for the CPU dispatch key.
 #include "optimizer_math.h"
 #include "segment_table.h"
+#include "state_dtype.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -553,22 +554,6 @@ Rounding rounding_of(const std::optional<at::Tensor>& rounding_seed, bool has_ma
   TORCH_CHECK(!has_master, "fusedopt: stochastic rounding and master_param exclude each other "
                            "(the param is the master's rounding to nearest)");
   return {true, rounding_key(rounding_seed->item<int64_t>())};
-}
-
-// Calls f with a null state_t* for the state dtype: scalar_t's own, or (for params
-// computed in float) float32, bfloat16 or float16.
-template <typename scalar_t, typename F>
-void dispatch_state_dtype(at::ScalarType dtype, const F& f) {
-  if constexpr (std::is_same_v<scalar_t, double>) {
-    f(static_cast<double*>(nullptr));
-  } else {
-    switch (dtype) {
-      case at::kFloat: f(static_cast<float*>(nullptr)); break;
-      case at::kBFloat16: f(static_cast<c10::BFloat16*>(nullptr)); break;
-      case at::kHalf: f(static_cast<c10::Half*>(nullptr)); break;
-      default: TORCH_CHECK(false, "fusedopt: unsupported state dtype ", dtype);
-    }
-  }
 }
 
 // In-kernel zeroing covers contiguous grads; a strided grad is zeroed whole here, after

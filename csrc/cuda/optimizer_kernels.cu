@@ -15,6 +15,7 @@
 #include "optimizer_math.h"
 #include "row_walk.cuh"
 #include "segment_table.h"
+#include "state_dtype.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -403,21 +404,6 @@ RoundingArg rounding_arg(const std::optional<at::Tensor>& rounding_seed, const a
     arg.seed_ptr = rounding_seed->const_data_ptr<int64_t>();
   }
   return arg;
-}
-
-// Calls f with a null state_t* for the state dtype (as the CPU kernels).
-template <typename scalar_t, typename F>
-void dispatch_state_dtype(at::ScalarType dtype, const F& f) {
-  if constexpr (std::is_same_v<scalar_t, double>) {
-    f(static_cast<double*>(nullptr));
-  } else {
-    switch (dtype) {
-      case at::kFloat: f(static_cast<float*>(nullptr)); break;
-      case at::kBFloat16: f(static_cast<c10::BFloat16*>(nullptr)); break;
-      case at::kHalf: f(static_cast<c10::Half*>(nullptr)); break;
-      default: TORCH_CHECK(false, "fusedopt: unsupported state dtype ", dtype);
-    }
-  }
 }
 
 // Calls f with std::true_type when there is a master copy (bfloat16/float16 params only).

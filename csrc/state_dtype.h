@@ -1,0 +1,30 @@
+// Host-side dispatch on the dtype of a step's state buffers (momentum buffer, moments),
+// shared by the CPU and CUDA kernels: float32, bfloat16 or float16 state for params
+// computed in float, and the params' own dtype for float64 params.
+#pragma once
+
+#include <c10/core/ScalarType.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
+#include <c10/util/Half.h>
+
+#include <type_traits>
+
+namespace fusedopt {
+
+// Calls f with a null state_t* for the state dtype.
+template <typename scalar_t, typename F>
+void dispatch_state_dtype(c10::ScalarType dtype, const F& f) {
+  if constexpr (std::is_same_v<scalar_t, double>) {
+    f(static_cast<double*>(nullptr));
+  } else {
+    switch (dtype) {
+      case c10::kFloat: f(static_cast<float*>(nullptr)); break;
+      case c10::kBFloat16: f(static_cast<c10::BFloat16*>(nullptr)); break;
+      case c10::kHalf: f(static_cast<c10::Half*>(nullptr)); break;
+      default: TORCH_CHECK(false, "fusedopt: unsupported state dtype ", dtype);
+    }
+  }
+}
+
+}  // namespace fusedopt
