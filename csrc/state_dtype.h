@@ -1,8 +1,9 @@
-// Host-side dispatch on the dtype of a step's state buffers (momentum buffer, moments),
-// shared by the CPU and CUDA kernels: float32, bfloat16 or float16 state for params
-// computed in float, and the params' own dtype for float64 params.
+// Host-side checks of and dispatch on the dtype of a step's state buffers (momentum
+// buffer, moments), shared by the CPU and CUDA kernels: float32, bfloat16 or float16
+// state for params computed in float, and the params' own dtype for float64 params.
 #pragma once
 
+#include <ATen/core/Tensor.h>
 #include <c10/core/ScalarType.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
@@ -11,6 +12,18 @@
 #include <type_traits>
 
 namespace fusedopt {
+
+// The dtype of the state buffers, checked against the param's: the param's own, or
+// float32/bfloat16/float16 for a param computed in float (float32, bfloat16, float16).
+inline at::ScalarType check_state_dtype(const at::Tensor& state, const at::Tensor& param) {
+  const auto dtype = state.scalar_type();
+  const bool float_opmath = param.scalar_type() != at::kDouble;
+  TORCH_CHECK(dtype == param.scalar_type() ||
+                  (float_opmath && (dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf)),
+              "fusedopt: state of dtype ", dtype, " is not supported for ", param.scalar_type(),
+              " params (float32, bfloat16 or float16 state needs float32, bfloat16 or float16 params)");
+  return dtype;
+}
 
 // Calls f with a null state_t* for the state dtype.
 template <typename scalar_t, typename F>

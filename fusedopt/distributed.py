@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.distributed as dist
 
+from . import _C
 from .flat_buffer import SEGMENT_COLUMNS, FlatBuffer, is_dtensor
 from .optimizer import FusedOptimizer, GradTransform
 
@@ -235,7 +236,7 @@ class ShardedOptimizer(FusedOptimizer):
                 if not skipped:
                     self._ensure_slice_state(rank_slice, owned, self._group_state_keys(c.group))
             if not skipped:
-                torch.autograd.graph.increment_version(c.updated_params())
+                _C.bump_versions(c.updated_params())
         self._all_gather_slices()
         if zero_grad:
             self.zero_grad(set_to_none=False)

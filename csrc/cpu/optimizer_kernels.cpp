@@ -252,18 +252,6 @@ void check_flat(const at::Tensor& flat, const at::Tensor& param, at::ScalarType 
               " elements of ", dtype, ")");
 }
 
-// The dtype of the state buffers, checked against the param's: the param's own, or
-// float32/bfloat16/float16 for a param computed in float (float32, bfloat16, float16).
-at::ScalarType check_state_dtype(const at::Tensor& state, const at::Tensor& param) {
-  const auto dtype = state.scalar_type();
-  const bool float_opmath = param.scalar_type() != at::kDouble;
-  TORCH_CHECK(dtype == param.scalar_type() ||
-                  (float_opmath && (dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf)),
-              "fusedopt: state of dtype ", dtype, " is not supported for ", param.scalar_type(),
-              " params (float32, bfloat16 or float16 state needs float32, bfloat16 or float16 params)");
-  return dtype;
-}
-
 // Validates the segments/grads contract of segment_table.h. Returns whether the grads
 // are one flat buffer.
 bool check_segments_and_grads(const at::Tensor& param, const at::Tensor& step,

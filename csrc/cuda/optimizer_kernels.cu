@@ -365,18 +365,6 @@ void check_flat(const at::Tensor& flat, const at::Tensor& param, at::ScalarType 
               " elements of ", dtype, " on ", param.device(), ")");
 }
 
-// The dtype of the state buffers: the param's own, or float32/bfloat16/float16 for a
-// param computed in float (as the CPU kernels).
-at::ScalarType check_state_dtype(const at::Tensor& state, const at::Tensor& param) {
-  const auto dtype = state.scalar_type();
-  const bool float_opmath = param.scalar_type() != at::kDouble;
-  TORCH_CHECK(dtype == param.scalar_type() ||
-                  (float_opmath && (dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf)),
-              "fusedopt: state of dtype ", dtype, " is not supported for ", param.scalar_type(),
-              " params (float32, bfloat16 or float16 state needs float32, bfloat16 or float16 params)");
-  return dtype;
-}
-
 float* check_master(const std::optional<at::Tensor>& master_param, const at::Tensor& param) {
   if (!master_param.has_value()) return nullptr;
   TORCH_CHECK(param.scalar_type() == at::kBFloat16 || param.scalar_type() == at::kHalf,
