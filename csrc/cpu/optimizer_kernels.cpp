@@ -171,12 +171,25 @@ struct GradSource {
   const at::Tensor* strided;  // the grad itself when it is not contiguous
 };
 
+// Every segment's GradSource, gathered in one pass before the threads start: the
+// update loop then reads one small array instead of a Tensor per row, whose metadata
+// its own streaming through the buffers has long evicted from the cache (3000 small
+// tensors: ~0.5 ms of cache misses per step).
 template <typename scalar_t>
-GradSource<scalar_t> grad_source(const at::TensorList grads, bool flat_grads, const int64_t* row,
-                                 int64_t segment) {
-  if (flat_grads) return {grads[0].data_ptr<scalar_t>() + row[kFlatOffset], true, nullptr};
-  const at::Tensor& g = grads[segment];
-  return {g.data_ptr<scalar_t>(), g.is_contiguous(), &g};
+std::vector<GradSource<scalar_t>> grad_sources(const at::TensorList grads, bool flat_grads, const int64_t* seg,
+                                               int64_t num_segments) {
+  std::vector<GradSource<scalar_t>> sources(num_segments);
+  if (flat_grads) {
+    scalar_t* base = grads[0].data_ptr<scalar_t>();
+    for (int64_t s = 0; s < num_segments; ++s)
+      sources[s] = {base + seg[s * kSegmentColumns + kFlatOffset], true, nullptr};
+    return sources;
+  }
+  for (int64_t s = 0; s < num_segments; ++s) {
+    const at::Tensor& g = grads[s];
+    sources[s] = {g.data_ptr<scalar_t>(), g.is_contiguous(), &g};
+  }
+  return sources;
 }
 
 // Copies elements [begin, end) (row-major logical order) of a strided grad into out.
@@ -409,7 +422,7 @@ inline void for_each_block(int64_t n, const Block& block) {
 // copy), the moments state_t; both load into the same opmath vectors.
 template <typename scalar_t, typename state_t, bool amsgrad>
 void adam_kernel(scalar_t* param, float* master, state_t* exp_avg, state_t* exp_avg_sq,
-                 state_t* max_exp_avg_sq, const float* step, const at::TensorList grads, bool flat_grads,
+                 state_t* max_exp_avg_sq, const float* step, const std::vector<GradSource<scalar_t>>& sources,
                  const int64_t* seg, const std::vector<WorkItem>& items, double lr, double beta1,
                  double beta2, double weight_decay, double eps, bool decoupled, bool maximize,
                  std::optional<at::opmath_type<scalar_t>> grad_scale,
@@ -437,7 +450,7 @@ void adam_kernel(scalar_t* param, float* master, state_t* exp_avg, state_t* exp_
         coefficients_step = row_step;
       }
       const int64_t base = row[kFlatOffset];
-      const auto src = grad_source<scalar_t>(grads, flat_grads, row, item.segment);
+      const auto& src = sources[item.segment];
       for_each_contiguous_grad_block(src, item.begin, item.end, zero_grads,
                                      [&](int64_t i0, int64_t n, const scalar_t* g) {
         const int64_t first_index = base + i0;
@@ -475,7 +488,7 @@ void adam_kernel(scalar_t* param, float* master, state_t* exp_avg, state_t* exp_
 
 template <typename scalar_t, typename state_t, bool has_momentum, bool nesterov>
 void sgd_kernel(scalar_t* param, float* master, state_t* momentum_buffer, const std::vector<uint8_t>& first_step,
-                const at::TensorList grads, bool flat_grads, const int64_t* seg,
+                const std::vector<GradSource<scalar_t>>& sources, const int64_t* seg,
                 const std::vector<WorkItem>& items, double lr, double momentum, double dampening,
                 double weight_decay, bool maximize, std::optional<at::opmath_type<scalar_t>> grad_scale,
                 std::optional<at::opmath_type<scalar_t>> grad_multiplier, bool zero_grads, Rounding rounding) {
@@ -494,7 +507,7 @@ void sgd_kernel(scalar_t* param, float* master, state_t* momentum_buffer, const 
       const int64_t* row = seg + item.segment * kSegmentColumns;
       const bool first_time = first_step[item.segment] != 0;
       const int64_t base = row[kFlatOffset];
-      const auto src = grad_source<scalar_t>(grads, flat_grads, row, item.segment);
+      const auto& src = sources[item.segment];
       for_each_contiguous_grad_block(src, item.begin, item.end, zero_grads,
                                      [&](int64_t i0, int64_t n, const scalar_t* g) {
         const int64_t first_index = base + i0;
@@ -598,9 +611,9 @@ void adam_step_cpu(at::Tensor& param, at::Tensor& exp_avg, at::Tensor& exp_avg_s
       auto run = [&](auto amsgrad_tag) {
         adam_kernel<scalar_t, state_t, decltype(amsgrad_tag)::value>(
             param.data_ptr<scalar_t>(), master, exp_avg.data_ptr<state_t>(), exp_avg_sq.data_ptr<state_t>(),
-            amsgrad ? max_exp_avg_sq->data_ptr<state_t>() : nullptr, step.data_ptr<float>(), grads,
-            flat_grads, seg, items, hyper[0], hyper[1], hyper[2], weight_decay, eps, decoupled_weight_decay,
-            maximize, optional_scalar<opmath_t>(grad_scale), optional_scalar<opmath_t>(grad_multiplier),
+            amsgrad ? max_exp_avg_sq->data_ptr<state_t>() : nullptr, step.data_ptr<float>(),
+            grad_sources<scalar_t>(grads, flat_grads, seg, segments.size(0)), seg, items, hyper[0], hyper[1],
+            hyper[2], weight_decay, eps, decoupled_weight_decay, maximize, optional_scalar<opmath_t>(grad_scale), optional_scalar<opmath_t>(grad_multiplier),
             zero_grads, rounding);
       };
       amsgrad ? run(std::true_type{}) : run(std::false_type{});
@@ -644,9 +657,9 @@ void sgd_step_cpu(at::Tensor& param, const std::optional<at::Tensor>& momentum_b
       using state_t = std::remove_pointer_t<decltype(state_tag)>;
       sgd_kernel<scalar_t, state_t, decltype(momentum_tag)::value, decltype(nesterov_tag)::value>(
           param.data_ptr<scalar_t>(), master, has_momentum ? momentum_buffer->data_ptr<state_t>() : nullptr,
-          first_step, grads, flat_grads, seg, items, hyper[0], hyper[1], dampening, weight_decay,
-          maximize, optional_scalar<opmath_t>(grad_scale), optional_scalar<opmath_t>(grad_multiplier),
-          zero_grads, rounding);
+          first_step, grad_sources<scalar_t>(grads, flat_grads, seg, num_segments), seg, items, hyper[0],
+          hyper[1], dampening, weight_decay, maximize, optional_scalar<opmath_t>(grad_scale),
+          optional_scalar<opmath_t>(grad_multiplier), zero_grads, rounding);
     };
     if (!has_momentum) {
       run(static_cast<scalar_t*>(nullptr), std::false_type{}, std::false_type{});
@@ -720,12 +733,12 @@ at::Tensor grad_norm_cpu(at::TensorList grads, const at::Tensor& segments, doubl
   double total = 0.0;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "fusedopt::grad_norm", [&] {
     const auto items = split_segments(seg, num_segments);
+    const auto sources = grad_sources<scalar_t>(grads, flat_grads, seg, num_segments);
     std::vector<double> partial(items.size());
     at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t first, int64_t last) {
       for (int64_t w = first; w < last; ++w) {
         const WorkItem& item = items[w];
-        const int64_t* row = seg + item.segment * kSegmentColumns;
-        const auto src = grad_source<scalar_t>(grads, flat_grads, row, item.segment);
+        const auto& src = sources[item.segment];
         double acc = 0.0;
         for_each_contiguous_grad_block(src, item.begin, item.end, false,
                                        [&](int64_t, int64_t n, const scalar_t* g) {
