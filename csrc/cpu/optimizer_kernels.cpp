@@ -613,8 +613,8 @@ void adam_step_cpu(at::Tensor& param, at::Tensor& exp_avg, at::Tensor& exp_avg_s
             param.data_ptr<scalar_t>(), master, exp_avg.data_ptr<state_t>(), exp_avg_sq.data_ptr<state_t>(),
             amsgrad ? max_exp_avg_sq->data_ptr<state_t>() : nullptr, step.data_ptr<float>(),
             grad_sources<scalar_t>(grads, flat_grads, seg, segments.size(0)), seg, items, hyper[0], hyper[1],
-            hyper[2], weight_decay, eps, decoupled_weight_decay, maximize, optional_scalar<opmath_t>(grad_scale), optional_scalar<opmath_t>(grad_multiplier),
-            zero_grads, rounding);
+            hyper[2], weight_decay, eps, decoupled_weight_decay, maximize, optional_scalar<opmath_t>(grad_scale),
+            optional_scalar<opmath_t>(grad_multiplier), zero_grads, rounding);
       };
       amsgrad ? run(std::true_type{}) : run(std::false_type{});
     });
