@@ -26,39 +26,6 @@ bool same_place(const at::Tensor& a, const at::Tensor& b) {
          a.scalar_type() == b.scalar_type() && a.device() == b.device();
 }
 
-// [note: prefetching the check] After a step's kernels have streamed every buffer
-// through the cache, the objects the check reads are cold: a dependent chain of cache
-// misses per row (the tensor object, its TensorImpl, its grad, the state entry and its
-// tensors). Rows are independent, so the check asks for row i + kAhead's memory while
-// it reads row i's (and for the synced tuple, whose items name the rest, twice as far
-// ahead). Only pointers fusedopt made or already type-checked are followed. 3000
-// parameters after a step: 0.6-0.9 ms -> 0.4-0.5 ms; ~0.01 ms more when all is cached.
-constexpr Py_ssize_t kAhead = 8;
-
-inline void prefetch_lines(const void* address, int lines) {
-  for (int line = 0; line < lines; ++line) __builtin_prefetch(static_cast<const char*>(address) + 64 * line);
-}
-
-inline void prefetch_object(PyObject* object) { prefetch_lines(object, 1); }
-
-// A tensor's TensorImpl: data pointer, sizes and strides, dtype, device span ~3 lines.
-inline void prefetch_tensor(PyObject* tensor) { prefetch_lines(THPVariable_Unpack(tensor).unsafeGetTensorImpl(), 3); }
-
-// What the state and grad checks of a row read: the state entry (a dict) and the
-// tensors synced names (the tuple itself was asked for kAhead rows earlier), and the
-// parameter's autograd metadata, which holds its grad.
-inline void prefetch_row(PyObject* p, PyObject* synced) {
-  if (synced != Py_None) {
-    const Py_ssize_t size = PyTuple_GET_SIZE(synced);
-    prefetch_object(PyTuple_GET_ITEM(synced, 0));
-    for (Py_ssize_t k = 1; k < size; k += 2) {
-      prefetch_tensor(PyTuple_GET_ITEM(synced, k));
-      prefetch_object(PyTuple_GET_ITEM(synced, k + 1));
-    }
-  }
-  prefetch_lines(THPVariable_Unpack(p).unsafeGetTensorImpl()->autograd_meta(), 1);
-}
-
 // Whether `entry` (opt.state[p], or nullptr) still holds exactly what fusedopt put there:
 // `synced` is None (no state yet) or (entry, view, address, view, address, ...) in the
 // order of `keys`. Keys fusedopt does not manage are the user's and are not looked at.
@@ -103,17 +70,12 @@ PyObject* sync_check(PyObject* /*module*/, PyObject* args) {
     return nullptr;
   }
   for (Py_ssize_t i = 0; i < n; ++i) {
-    if (!THPVariable_Check(PyList_GET_ITEM(params, i)) || !THPVariable_Check(PyList_GET_ITEM(views, i))) {
+    PyObject* p = PyList_GET_ITEM(params, i);
+    if (!THPVariable_Check(p) || !THPVariable_Check(PyList_GET_ITEM(views, i))) {
       PyErr_SetString(PyExc_TypeError, "sync_check: params and views must be tensors");
       return nullptr;
     }
-  }
-  for (Py_ssize_t i = 0; i < n; ++i) {
-    if (i + kAhead < n) {
-      prefetch_tensor(PyList_GET_ITEM(params, i + kAhead));
-      prefetch_tensor(PyList_GET_ITEM(views, i + kAhead));
-    }
-    if (!same_place(THPVariable_Unpack(PyList_GET_ITEM(params, i)), THPVariable_Unpack(PyList_GET_ITEM(views, i))))
+    if (!same_place(THPVariable_Unpack(p), THPVariable_Unpack(PyList_GET_ITEM(views, i))))
       return Py_BuildValue("(nOOOOn)", i, Py_None, Py_None, Py_None, Py_False, Py_ssize_t(-1));
   }
   // rows is only built once a row without a grad shows up (the common step has them all).
@@ -141,8 +103,6 @@ PyObject* sync_check(PyObject* /*module*/, PyObject* args) {
   Py_ssize_t bad = -1, num_grads = 0;
   const bool check_state = PyTuple_GET_SIZE(keys) > 0;
   for (Py_ssize_t i = 0; i < n; ++i) {
-    if (i + 2 * kAhead < n) prefetch_object(PyList_GET_ITEM(synced, i + 2 * kAhead));
-    if (i + kAhead < n) prefetch_row(PyList_GET_ITEM(params, i + kAhead), PyList_GET_ITEM(synced, i + kAhead));
     PyObject* p = PyList_GET_ITEM(params, i);
     if (check_state) {
       PyObject* entry = state_entry(state, p);
