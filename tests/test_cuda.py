@@ -350,13 +350,15 @@ def test_no_host_sync():
     grads, _ = problem.cuda_grads("mixed")
     state = problem.state("cuda", ["param", "exp_avg", "exp_avg_sq"])
     step, segments = problem.step.cuda(), problem.segments.cuda()
-    lr, scale, found_inf, multiplier = (scalar(v, "cuda") for v in (1e-3, 2.0, 0.0, 0.5))
+    scale, found_inf, multiplier = (scalar(v, "cuda") for v in (2.0, 0.0, 0.5))
+    scheduled = scheduled_tensor([1e-3, 0.9, 0.999], "cuda")
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         for _ in range(2):  # the first call uploads the grad table, the second reuses it
             ops.adam_step_(state["param"], state["exp_avg"], state["exp_avg_sq"], None, step, grads, segments,
-                           0.0, lr, 0.9, 0.999, 0.0, 1e-8, True, False, scale, found_inf, multiplier, True)
+                           0.0, scheduled, 0.9, 0.999, 0.0, 1e-8, True, False, scale, found_inf, multiplier,
+                           True)
             ops.grad_norm(grads, segments, 2.0)
     finally:
         torch.cuda.set_sync_debug_mode("default")
