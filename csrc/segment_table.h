@@ -10,6 +10,14 @@
 //     permutes each grad's dims into its parameter's memory order first, so a grad
 //     with the parameter's strides arrives contiguous, and one with other strides
 //     (bmm, einsum, channels_last) arrives as a strided view that is read in place.
+//
+// The CPU kernels check each grad's numel against its row before writing anything. The
+// CUDA kernels cannot: the table is on the device, and reading it on the host would sync
+// every step. They read a contiguous grad of another size as a flat buffer holding the
+// row at its flat offset, a strided one from its start, either clamped to the grad's end
+// (row_walk.cuh, for_each_owned_row: never out of bounds, but not an error), so
+// callers must pass grads of the right size: fusedopt's optimizers check every grad's
+// shape against its parameter's before they call an op.
 #pragma once
 
 #include <cstdint>
