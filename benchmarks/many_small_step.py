@@ -5,9 +5,10 @@ steps after 3 warm-ups.
 
     python benchmarks/many_small_step.py [--device cuda|cpu]
 
-Where `python -m fusedopt.bench --device cuda --models many-small` cannot finish:
-compiling torch's step over 3000 tensors (its torch.compile'd peer) took longer than
-170 s on an H100 and was cut off there.
+It gave the H100 figures in docs/bench-cuda.md, where `python -m fusedopt.bench --device
+cuda --models many-small` could not finish: compiling torch's step over 3000 tensors (its
+torch.compile'd peer) took longer than 170 s and was cut off. The bench's `--skip compiled`,
+added after that run, leaves that peer out.
 """
 import argparse
 import statistics

@@ -159,6 +159,8 @@ TORCH_PEERS = [
     Peer("torch compiled", {}, wrap=torch_compiled, device_types=("cuda",)),
 ]
 IMPLEMENTATIONS = [peer.name for peer in TORCH_PEERS] + [FUSEDOPT, FUSEDOPT_FLAT]
+# --skip's names for the torch peers but fused, the one every speedup is taken against.
+PEER_KEYS = {peer.name.removeprefix("torch "): peer.name for peer in TORCH_PEERS if peer.name != TORCH_FUSED}
 
 
 @dataclass(frozen=True)
@@ -180,8 +182,8 @@ LOW_PRECISION_PEERS = (TORCH_FUSED,)
 IMPLEMENTATIONS += [mode.name for mode in LOW_PRECISION]
 
 
-def peers_for(device: torch.device) -> list[Peer]:
-    return [peer for peer in TORCH_PEERS if device.type in peer.device_types]
+def peers_for(device: torch.device, skip=()) -> list[Peer]:
+    return [peer for peer in TORCH_PEERS if device.type in peer.device_types and peer.name not in skip]
 
 
 @dataclass
@@ -224,7 +226,7 @@ def random_tensors(shapes, device, dtype, generator) -> list[torch.Tensor]:
     return [torch.randn(s, generator=generator, device=device, dtype=dtype) for s in shapes]
 
 
-def build_case(shapes, algo: Algo, device, dtype, seed: int, low_precision: bool = False):
+def build_case(shapes, algo: Algo, device, dtype, seed: int, low_precision: bool = False, skip=()):
     """(params, runners): every implementation of one case, all stepping the *same*
     parameters, grads and optimizer state, which live in fusedopt's flat buffers;
     torch.optim's optimizers are handed the state as views, as fusedopt's own `state`
@@ -255,7 +257,7 @@ def build_case(shapes, algo: Algo, device, dtype, seed: int, low_precision: bool
     seat_grads(params, grads)
     fused.step()  # creates the state that every implementation steps
     runners = []
-    for peer in peers_for(device):
+    for peer in peers_for(device, skip):
         if low_precision and peer.name not in LOW_PRECISION_PEERS:
             continue
         opt = algo.torch_cls(params, **peer.options, **algo.kwargs)
@@ -500,7 +502,8 @@ def run_case(model, algo_name, device, args, seed, during: LoadWindow, bar) -> l
     algo = ALGOS[algo_name]
     shapes = MODELS[model]()
     bar.set_postfix_str(f"{model} {algo_name}: building")
-    params, runners = build_case(shapes, algo, device, getattr(torch, args.dtype), seed, args.low_precision)
+    params, runners = build_case(shapes, algo, device, getattr(torch, args.dtype), seed, args.low_precision,
+                                 args.skip)
     bar.update()
     bar.set_postfix_str(f"{model} {algo_name}: timing")
     case_load = LoadWindow()
@@ -641,7 +644,8 @@ def footer_notes(args, machine: dict, load: dict, rows: list[dict]) -> list[str]
         f"fusedopt CPU kernels {machine['cpu_kernels']}, {args.dtype}.",
         f"ms: median of {reps_text(rows, args)} after {args.warmup} warm-up (plus one first step); "
         "implementations interleaved round-robin, all stepping the same parameters and state."
-        + (f" Not timed on {args.device.type}: {', '.join(skipped)}." if skipped else ""),
+        + (f" Not timed on {args.device.type}: {', '.join(skipped)}." if skipped else "")
+        + (f" Left out (--skip): {', '.join(args.skip)}." if args.skip else ""),
         "speedup: torch fused's ms / fusedopt's (>1: fusedopt is faster). fusedopt reads grads "
         "as autograd leaves them; flat grads: after zero_grad(set_to_none=False) they are views "
         "of one buffer.",
@@ -827,6 +831,10 @@ def make_parser(prog: str) -> argparse.ArgumentParser:
                         help="also time fusedopt with bf16 state (fp32 params) and with bf16 params, bf16 "
                              "state and stochastic rounding, beside torch fused fp32 (only torch's fused "
                              "step runs of torch's)")
+    parser.add_argument("--skip", type=name_list(PEER_KEYS, "torch implementation"), default=[],
+                        help=f"comma list of torch implementations not to time, from {', '.join(PEER_KEYS)} "
+                             "(default: none; compiled: torch.compile of a step over 3000 tensors, "
+                             "many-small's, took over 170 s on an H100)")
     parser.add_argument("--out", type=Path, default=Path("bench-out"),
                         help="folder for results.json, table.md, results.png (default: bench-out)")
     return parser
@@ -841,6 +849,7 @@ def parse_args(argv, prog: str) -> argparse.Namespace:
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     args.device = torch.device(args.device)
+    args.skip = [PEER_KEYS[key] for key in args.skip]
     args.models = args.models or (QUICK_MODELS if args.quick else list(MODELS))
     args.algos = args.algos or (QUICK_ALGOS if args.quick else list(ALGOS))
     args.case_budget_s = None if args.reps else CASE_BUDGET_S
@@ -879,7 +888,8 @@ def main(argv=None, prog: str = "fusedopt-bench") -> int:
     config = {"device": str(args.device), "models": args.models, "algos": args.algos,
               "dtype": args.dtype, "reps": args.reps, "case_budget_s": args.case_budget_s,
               "warmup": args.warmup, "quick": args.quick,
-              "contention": args.contention, "lr": LR, "low_precision": args.low_precision}
+              "contention": args.contention, "lr": LR, "low_precision": args.low_precision,
+              "skip": args.skip}
     (args.out / "results.json").write_text(json.dumps(
         {"load": load, "machine": machine, "config": config, "notes": notes,
          "summary": summary, "results": rows}, indent=2) + "\n")

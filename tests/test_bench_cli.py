@@ -34,6 +34,8 @@ def usage_error(capsys, argv: list[str]) -> str:
     (["--dtype", "float16"], "invalid choice: 'float16'"),
     (["--reps", "0"], "expected a positive integer, got '0'"),
     (["--contention", "-1"], "expected a positive integer, got '-1'"),
+    # fused stays: every speedup is taken against it.
+    (["--skip", "fused"], "unknown torch implementation 'fused'; choose from: for-loop, foreach, compiled"),
 ])
 def test_bad_argument_names_the_valid_choices(capsys, argv, expected):
     assert expected in usage_error(capsys, argv)
@@ -116,6 +118,13 @@ def test_flat_grads_runner_reads_the_flat_buffer_and_the_others_separate_tensors
     # Same values, other tensor objects: fusedopt reads these through its per-tensor table.
     assert all(a is not b and torch.equal(a, b) for a, b in zip(given, flat))
     assert all(by_name[name].grads is given for name in ["torch for-loop", "torch foreach", "torch fused"])
+
+
+def test_skip_leaves_those_torch_steps_out_and_the_rest_in():
+    args = bench.parse_args(["--device", "cpu", "--skip", "foreach,compiled"], prog="bench")
+    _, runners = bench.build_case(SHAPES, bench.ALGOS["sgd"], torch.device("cpu"), torch.float32,
+                                  seed=0, skip=args.skip)
+    assert [r.name for r in runners] == ["torch for-loop", "torch fused", "fusedopt", "fusedopt (flat grads)"]
 
 
 @pytest.mark.parametrize("budget_s, timed_reps", [(None, 12), (0.0, bench.MIN_REPS)])
