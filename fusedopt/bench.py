@@ -638,6 +638,7 @@ def footer_notes(args, machine: dict, load: dict, rows: list[dict]) -> list[str]
               "(profile_memory=True) records during one step; allocations outside torch's "
               "CPU allocator are not seen")
     skipped = [peer.name for peer in TORCH_PEERS if args.device.type not in peer.device_types]
+    left_out = [name for name in args.skip if name not in skipped]
     return [
         load["summary"] + ".",
         f"{machine['device_name']}, {machine['torch_threads']} threads, torch {machine['torch_version']}, "
@@ -645,7 +646,7 @@ def footer_notes(args, machine: dict, load: dict, rows: list[dict]) -> list[str]
         f"ms: median of {reps_text(rows, args)} after {args.warmup} warm-up (plus one first step); "
         "implementations interleaved round-robin, all stepping the same parameters and state."
         + (f" Not timed on {args.device.type}: {', '.join(skipped)}." if skipped else "")
-        + (f" Left out (--skip): {', '.join(args.skip)}." if args.skip else ""),
+        + (f" Left out (--skip): {', '.join(left_out)}." if left_out else ""),
         "speedup: torch fused's ms / fusedopt's (>1: fusedopt is faster). fusedopt reads grads "
         "as autograd leaves them; flat grads: after zero_grad(set_to_none=False) they are views "
         "of one buffer.",
