@@ -79,11 +79,11 @@ def adam_options():
 OPTIONS = {"SGD": sgd_options(), "Adam": adam_options(), "AdamW": adam_options()}
 
 
-def random_tensor(shape, dtype, seed, transposed=False):
+def random_tensor(shape, dtype, seed, device, transposed=False):
     gen = torch.Generator().manual_seed(seed)
     if transposed:
-        return torch.randn(tuple(reversed(shape)), generator=gen).to(dtype).t()
-    return torch.randn(shape, generator=gen).to(dtype)
+        return torch.randn(tuple(reversed(shape)), generator=gen).to(device, dtype).t()
+    return torch.randn(shape, generator=gen).to(device, dtype)
 
 
 def other_layout(t):
@@ -94,8 +94,10 @@ def other_layout(t):
 
 
 class Differential(RuleBasedStateMachine):
-    """One random program on a (torch.optim, fusedopt) pair; ALGO is set by subclasses."""
+    """One random program on a (torch.optim, fusedopt) pair; ALGO and DEVICE are set by
+    subclasses."""
     ALGO = None
+    DEVICE = "cpu"
 
     def __init__(self):
         super().__init__()
@@ -111,7 +113,7 @@ class Differential(RuleBasedStateMachine):
     def new_param(self, spec):
         """A new param, cloned onto both sides; returns its index."""
         shape, dtype, transposed = spec
-        base = [nn.Parameter(random_tensor(shape, dtype, self.next_seed(), transposed))]
+        base = [nn.Parameter(random_tensor(shape, dtype, self.next_seed(), self.DEVICE, transposed))]
         self.sides["ref"] += clone_params(base)
         self.sides["fused"] += clone_params(base)
         return len(self.sides["ref"]) - 1
@@ -170,7 +172,8 @@ class Differential(RuleBasedStateMachine):
         (a zero_grad(set_to_none=False) grad, or one left from the last step), else assigned."""
         n = len(self.ref_params)
         subset = data.draw(st.lists(st.integers(0, n - 1), unique=True, max_size=n), label="grads for")
-        grads = {i: random_tensor(self.ref_params[i].shape, self.ref_params[i].dtype, self.next_seed())
+        grads = {i: random_tensor(self.ref_params[i].shape, self.ref_params[i].dtype, self.next_seed(),
+                                  self.DEVICE)
                  for i in subset}
 
         def write(params):
@@ -188,7 +191,7 @@ class Differential(RuleBasedStateMachine):
             return lambda params: None
         i = data.draw(st.sampled_from(with_grad), label="p.grad.data = new for")
         p = self.ref_params[i]
-        new = random_tensor(p.shape, p.dtype, self.next_seed(),
+        new = random_tensor(p.shape, p.dtype, self.next_seed(), self.DEVICE,
                             transposed=p.dim() == 2 and data.draw(st.booleans(), label="transposed"))
 
         def set_data(params):
@@ -373,7 +376,7 @@ class Differential(RuleBasedStateMachine):
     def repoint_data(self, data, kind):
         i = data.draw(st.integers(0, len(self.ref_params) - 1), label="param")
         p = self.ref_params[i]
-        new = random_tensor(p.shape, p.dtype, self.next_seed()) if kind == "new_values" else None
+        new = random_tensor(p.shape, p.dtype, self.next_seed(), self.DEVICE) if kind == "new_values" else None
 
         def op(opt, params):
             q = params[i]
@@ -404,21 +407,21 @@ SETTINGS = settings(max_examples=60, stateful_step_count=80, deadline=None, dera
                     print_blob=False)
 
 
-class SGDDifferential(Differential):
-    ALGO = "SGD"
+def differential_test(algo, device):
+    """The pytest class running random programs for one algorithm on one device."""
+    machine = type(f"{algo}Differential_{device}", (Differential,), {"ALGO": algo, "DEVICE": device})
+    test = machine.TestCase
+    test.settings = SETTINGS
+    return pytest.mark.skipif(device == "cuda" and not torch.cuda.is_available(),
+                              reason="no CUDA device on this machine")(test)
 
 
-class AdamDifferential(Differential):
-    ALGO = "Adam"
-
-
-class AdamWDifferential(Differential):
-    ALGO = "AdamW"
-
-
-TestSGDDifferential = SGDDifferential.TestCase
-TestSGDDifferential.settings = SETTINGS
-TestAdamDifferential = AdamDifferential.TestCase
-TestAdamDifferential.settings = SETTINGS
-TestAdamWDifferential = AdamWDifferential.TestCase
-TestAdamWDifferential.settings = SETTINGS
+TestSGDDifferential = differential_test("SGD", "cpu")
+TestAdamDifferential = differential_test("Adam", "cpu")
+TestAdamWDifferential = differential_test("AdamW", "cpu")
+# The same programs with params, grads and fusedopt's buffers on the GPU (torch.optim's
+# oracle runs there too). Written before any GPU ran them: benchmarks/cuda_check.sh's
+# `tests` stage picks them up by name.
+TestSGDDifferential_cuda = differential_test("SGD", "cuda")
+TestAdamDifferential_cuda = differential_test("Adam", "cuda")
+TestAdamWDifferential_cuda = differential_test("AdamW", "cuda")
