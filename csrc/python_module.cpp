@@ -4,6 +4,9 @@
 // parameter written in C so that a model with thousands of tensors does not pay
 // interpreter time per tensor per step.
 #include <Python.h>
+
+#include <algorithm>
+
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/csrc/autograd/variable.h>
 #include <torch/version.h>
@@ -42,6 +45,63 @@ bool state_in_sync(PyObject* entry, PyObject* synced, PyObject* keys) {
   return true;
 }
 
+// [note: prefetching the check] Between two steps the kernel streams every parameter
+// and state byte through the caches, so at the next check each row's objects are cache
+// misses: the parameter's Python object and TensorImpl, its AutogradMeta, the grad's
+// TensorImpl, the state entry and the tensors in it. One row's objects form a chain of
+// dependent loads, and walking the rows one after another waits for each miss in turn
+// (3000 small parameters: 0.5 to 0.75 ms of a 2.6 ms SGD step on a 2-core EPYC). So
+// the check requests the rows ahead of it, one level of each row's chain per stage:
+// many rows' misses are then in flight at once. The stages only load what the lists
+// keep alive and only prefetch what they point to; the check itself reads every value
+// again at its row, so a prefetch gone wrong costs a wasted request, never a result.
+constexpr Py_ssize_t kRowsPerStage = 4;
+
+inline void prefetch(const void* address, int lines = 1) {
+  for (int k = 0; k < lines; ++k) __builtin_prefetch(static_cast<const char*>(address) + 64 * k, 0, 3);
+}
+
+// The TensorImpl of a tensor's Python object; nullptr for any other object.
+inline c10::TensorImpl* impl_of(PyObject* object) {
+  return THPVariable_Check(object) ? THPVariable_Unpack(object).unsafeGetTensorImpl() : nullptr;
+}
+
+// Stage `stage` (4: the farthest row ahead, 1: the next row) of row `i`'s prefetches.
+// Each stage reads only what an earlier stage of the same row has requested.
+void prefetch_row(PyObject* params, PyObject* views, PyObject* synced, bool check_state, Py_ssize_t i,
+                  int stage) {
+  PyObject* p = PyList_GET_ITEM(params, i);
+  PyObject* s = check_state ? PyList_GET_ITEM(synced, i) : nullptr;
+  const bool have_synced = s != nullptr && PyTuple_Check(s) && PyTuple_GET_SIZE(s) > 0;
+  if (stage == 4) {
+    prefetch(p);
+    prefetch(PyList_GET_ITEM(views, i));
+    if (s != nullptr) prefetch(s, 2);
+    return;
+  }
+  if (stage == 3) {
+    if (auto* impl = impl_of(p)) prefetch(impl, 4);
+    if (auto* impl = impl_of(PyList_GET_ITEM(views, i))) prefetch(impl, 4);
+    if (have_synced)
+      for (Py_ssize_t k = 0; k < PyTuple_GET_SIZE(s); ++k) prefetch(PyTuple_GET_ITEM(s, k));
+    return;
+  }
+  auto* impl = impl_of(p);
+  auto* meta = impl != nullptr ? static_cast<torch::autograd::AutogradMeta*>(impl->autograd_meta()) : nullptr;
+  if (stage == 2) {
+    if (meta != nullptr) prefetch(&meta->grad_);
+    if (have_synced) {
+      PyObject* entry = PyTuple_GET_ITEM(s, 0);
+      if (PyDict_Check(entry)) prefetch(reinterpret_cast<PyDictObject*>(entry)->ma_keys, 2);
+      for (Py_ssize_t k = 1; k < PyTuple_GET_SIZE(s); k += 2)
+        if (auto* view = impl_of(PyTuple_GET_ITEM(s, k))) prefetch(view, 4);
+    }
+    return;
+  }
+  if (meta != nullptr)
+    if (auto* grad = meta->grad_.unsafeGetTensorImpl()) prefetch(grad, 4);
+}
+
 // sync_check(params, views, grad_slots, state, keys, synced)
 //     -> (stale, dirty, rows, grads, flat, bad)
 //
@@ -53,10 +113,10 @@ bool state_in_sync(PyObject* entry, PyObject* synced, PyObject* keys) {
 //   state       optimizer.state;  keys: the state keys fusedopt manages for the group
 //   synced      per row, what fusedopt last put into state[p] (see state_in_sync)
 // Returns: stale, the first row whose parameter is no longer where the view is (-1:
-// none; the rest is then not computed); dirty, the rows whose state entry changed;
-// rows, the rows that have a grad (None: all); grads, those grads; flat, whether every
-// one of them lies at its grad slot with its parameter's strides; bad, the first row
-// whose grad is sparse or differs from its parameter in dtype, device or shape (-1: none).
+// none; the rest is then None); dirty, the rows whose state entry changed; rows, the
+// rows that have a grad (None: all); grads, those grads; flat, whether every one of
+// them lies at its grad slot with its parameter's strides; bad, the first row whose
+// grad is sparse or differs from its parameter in dtype, device or shape (-1: none).
 PyObject* sync_check(PyObject* /*module*/, PyObject* args) {
   PyObject *params, *views, *grad_slots, *state, *keys, *synced;
   if (!PyArg_ParseTuple(args, "O!O!OO!O!O!", &PyList_Type, &params, &PyList_Type, &views, &grad_slots,
@@ -69,15 +129,6 @@ PyObject* sync_check(PyObject* /*module*/, PyObject* args) {
     PyErr_SetString(PyExc_ValueError, "sync_check: the per-row lists differ in length");
     return nullptr;
   }
-  for (Py_ssize_t i = 0; i < n; ++i) {
-    PyObject* p = PyList_GET_ITEM(params, i);
-    if (!THPVariable_Check(p) || !THPVariable_Check(PyList_GET_ITEM(views, i))) {
-      PyErr_SetString(PyExc_TypeError, "sync_check: params and views must be tensors");
-      return nullptr;
-    }
-    if (!same_place(THPVariable_Unpack(p), THPVariable_Unpack(PyList_GET_ITEM(views, i))))
-      return Py_BuildValue("(nOOOOn)", i, Py_None, Py_None, Py_None, Py_False, Py_ssize_t(-1));
-  }
   // rows is only built once a row without a grad shows up (the common step has them all).
   PyObject* dirty = PyList_New(0);
   PyObject* grads = PyList_New(n);
@@ -87,10 +138,13 @@ PyObject* sync_check(PyObject* /*module*/, PyObject* args) {
     Py_XDECREF(grads);
     return nullptr;
   }
-  auto fail = [&]() -> PyObject* {
+  auto release = [&]() {
     Py_DECREF(dirty);
     Py_DECREF(grads);
     Py_XDECREF(rows);
+  };
+  auto fail = [&]() -> PyObject* {
+    release();
     return nullptr;
   };
   auto append_index = [](PyObject* list, Py_ssize_t i) {
@@ -102,8 +156,26 @@ PyObject* sync_check(PyObject* /*module*/, PyObject* args) {
   bool flat = have_slots;
   Py_ssize_t bad = -1, num_grads = 0;
   const bool check_state = PyTuple_GET_SIZE(keys) > 0;
+  // Row r gets stage s at row r - s * kRowsPerStage of the loop; the first rows, here.
+  for (int stage = 4; stage >= 1; --stage)
+    for (Py_ssize_t r = 0; r < std::min<Py_ssize_t>(n, stage * kRowsPerStage); ++r)
+      prefetch_row(params, views, synced, check_state, r, stage);
   for (Py_ssize_t i = 0; i < n; ++i) {
+    for (int stage = 1; stage <= 4; ++stage)
+      if (i + stage * kRowsPerStage < n)
+        prefetch_row(params, views, synced, check_state, i + stage * kRowsPerStage, stage);
     PyObject* p = PyList_GET_ITEM(params, i);
+    PyObject* view = PyList_GET_ITEM(views, i);
+    if (!THPVariable_Check(p) || !THPVariable_Check(view)) {
+      release();
+      PyErr_SetString(PyExc_TypeError, "sync_check: params and views must be tensors");
+      return nullptr;
+    }
+    const at::Tensor& tensor = THPVariable_Unpack(p);
+    if (!same_place(tensor, THPVariable_Unpack(view))) {
+      release();
+      return Py_BuildValue("(nOOOOn)", i, Py_None, Py_None, Py_None, Py_False, Py_ssize_t(-1));
+    }
     if (check_state) {
       PyObject* entry = state_entry(state, p);
       if (entry == nullptr && PyErr_Occurred()) return fail();
@@ -111,7 +183,6 @@ PyObject* sync_check(PyObject* /*module*/, PyObject* args) {
       if (PyErr_Occurred()) return fail();
       if (!in_sync && !append_index(dirty, i)) return fail();
     }
-    const at::Tensor& tensor = THPVariable_Unpack(p);
     const at::Tensor& grad = tensor.grad();
     if (!grad.defined()) {
       if (rows == nullptr) {

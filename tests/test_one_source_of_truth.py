@@ -195,6 +195,35 @@ def test_state_entry_missing_a_key_raises_torchs_keyerror_before_any_write(algo)
     assert [opt.state[p]["step"].item() for p in params[:2]] == steps
 
 
+# 40 rows in one flat buffer: the per-step check reads rows ahead of the one it checks
+# ([note: prefetching the check] in csrc/python_module.cpp); edits far into the buffer
+# and on its last rows must be seen exactly as on the first.
+LONG_SHAPES = [(3, 3) if i % 5 == 0 else (i % 4 + 2,) for i in range(40)]
+
+
+@pytest.mark.parametrize("algo", ALGOS)
+def test_edits_deep_in_a_long_buffer_are_followed(algo):
+    def program(opt, params):
+        trained(opt, params)
+        opt.state[params[33]].update({k: v.clone() * 0.5 for k, v in opt.state[params[33]].items()
+                                      if k != "step" and torch.is_tensor(v)})
+        del opt.state[params[25]]
+        params[35].data = params[35].data.t()  # same address, other strides
+        step_with(opt, params, 3, only=set(range(40)) - {17, 18, 39})
+        opt.zero_grad(set_to_none=False)
+        for i, (p, g) in enumerate(zip(params, random_grads(params, 4))):
+            if i == 30:
+                p.grad.data = g  # another tensor behind the same grad object
+            elif p.grad is None:  # rows 17, 18 and 39 had none
+                p.grad = g
+            else:
+                p.grad.copy_(g)
+        opt.step()
+        opt.state[params[39]].clear()
+        trained(opt, params, first=5)
+    run_both(algo, program, shapes=LONG_SHAPES)
+
+
 # ------------------------------------------------------------------------ param_groups edits
 
 @pytest.mark.parametrize("algo", ALGOS)
