@@ -274,7 +274,10 @@ class FusedOptimizer(Optimizer):
         self._check_params([p for p in params if not is_lazy(p)])
         present = [p for p in params if not is_lazy(p)]
         check_low_precision_group(group, present)
-        for buf in self._new_buffers([p for p in present if not self._in_its_slot(p)]):
+        placed = {id(self._slots[p][0]): self._slots[p][0] for p in present if self._in_its_slot(p)}
+        clashing = {key for key, buf in placed.items() if self._state_dtypes_clash(group, buf)}
+        moving = [p for p in present if not self._in_its_slot(p) or id(self._slots[p][0]) in clashing]
+        for buf in self._new_buffers(moving):
             for row, p in enumerate(buf.params):
                 self._slots[p] = (buf, row)
         synced = {p: s for plan in old for part in plan.parts for p, s in zip(part.params, part.synced)
@@ -305,9 +308,30 @@ class FusedOptimizer(Optimizer):
         moments = group.get("state_dtype") or (torch.float32 if group.get("master_weights") else param_dtype)
         return tuple(torch.float32 if key in ("step", MASTER_KEY) else moments for key in keys)
 
-    def _set_state_dtypes(self, group: dict[str, Any], buf) -> None:
+    def _buffer_state_dtypes(self, group: dict[str, Any], buf) -> dict[str, torch.dtype]:
+        """Per state key of the group, the dtype its flat buffer in ``buf`` must have."""
         keys = self._group_state_keys(group)
-        buf.set_state_dtypes(dict(zip(keys, self._state_dtypes(group, keys, buf.dtype))))
+        return dict(zip(keys, self._state_dtypes(group, keys, buf.dtype)))
+
+    def _set_state_dtypes(self, group: dict[str, Any], buf) -> None:
+        buf.set_state_dtypes(self._buffer_state_dtypes(group, buf))
+
+    def _state_dtypes_clash(self, group: dict[str, Any], buf) -> bool:
+        """Whether ``group`` needs other dtypes for its state than ``buf`` holds while
+        another param group with rows in ``buf`` (a parameter moved between groups) needs
+        the ones it holds. A buffer holds one flat tensor per key, so the group's rows
+        then move to a buffer of their own: converting the shared one would round the
+        other group's state."""
+        mine = self._buffer_state_dtypes(group, buf)
+        if all(buf.state_dtypes.get(key, buf.dtype) == dtype for key, dtype in mine.items()):
+            return False
+        for other in self.param_groups:
+            if other is group or not any(self._slots.get(q, (None,))[0] is buf for q in other["params"]):
+                continue
+            theirs = self._buffer_state_dtypes(other, buf)
+            if any(mine[key] != theirs[key] for key in mine.keys() & theirs.keys()):
+                return True
+        return False
 
     def _group_state_keys(self, group) -> tuple[str, ...]:
         """The state keys of a group's params, in torch.optim's order, then the master copy."""
@@ -375,6 +399,8 @@ class FusedOptimizer(Optimizer):
                     dtypes = self._state_dtypes(group, keys, part.buf.dtype) if with_state else ()
                     # e.g. amsgrad, momentum or master weights switched on, state_dtype changed
                     if with_state and (part.keys != keys or part.dtypes != dtypes):
+                        if self._state_dtypes_clash(group, part.buf):
+                            break  # re-planned: this group's rows move out of the shared buffer
                         part.keys, part.dtypes = keys, dtypes
                         part.buf.set_state_dtypes(dict(zip(keys, dtypes)))
                         part.synced, part.complete = [None] * len(part.rows), False

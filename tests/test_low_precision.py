@@ -113,6 +113,14 @@ class RoundedReference:
             for key in moment_keys(self.opt, p):
                 self.opt.state[p][key].copy_(self.opt.state[p][key].to(self.state_dtype).float())
 
+    @torch.no_grad()
+    def switch_state_dtype(self, state_dtype):
+        """The switch rounds the state once, before the next step."""
+        self.state_dtype = state_dtype
+        for p in self.params:
+            for key in moment_keys(self.opt, p):
+                self.opt.state[p][key].copy_(self.opt.state[p][key].to(state_dtype).float())
+
     def check(self, fused_params, fused_opt):
         for i, (ref, p) in enumerate(zip(self.params, fused_params)):
             bits_equal(p.detach(), ref.detach().to(self.param_dtype), f"param {i}")
@@ -517,16 +525,44 @@ def test_changing_state_dtype_in_param_groups_converts_the_state():
     for step in range(4):
         if step == 2:
             opt.param_groups[0]["state_dtype"] = torch.bfloat16
-            reference.state_dtype = torch.bfloat16
-            with torch.no_grad():  # the switch rounds the state once, before the step
-                for r in reference.params:
-                    for key in moment_keys(reference.opt, r):
-                        reference.opt.state[r][key].copy_(reference.opt.state[r][key].bfloat16().float())
+            reference.switch_state_dtype(torch.bfloat16)
         grads = make_grads(params, step)
         set_grads(params, grads)
         opt.step()
         reference.step(grads)
     reference.check(params, opt)
+
+
+@pytest.mark.parametrize("edit", ["move_into_bf16_group", "switch_after_move"])
+@pytest.mark.parametrize("algo,options", [CONFIGS[0], CONFIGS[5]], ids=[CONFIG_IDS[0], CONFIG_IDS[5]])
+def test_state_dtype_of_one_group_leaves_a_buffer_shared_with_another_group_as_it_was(algo, options, edit):
+    # At step 2 params[1] moves from the first group to the second and keeps its row in
+    # the first group's flat buffer. "move_into_bf16_group": the second group keeps its
+    # state in bfloat16, so params[1]'s state is rounded once; "switch_after_move": both
+    # groups are float32 until the first switches to bfloat16 at step 4. Either way the
+    # state of the group that did not change is never rounded (converting the shared
+    # buffer rounded it, and flipped it between the two dtypes every step).
+    params = make_params(torch.float32)
+    second = torch.bfloat16 if edit == "move_into_bf16_group" else torch.float32
+    opt = getattr(fusedopt, algo)([{"params": params[:3]}, {"params": params[3:], "state_dtype": second}],
+                                  **options)
+    refs = [RoundedReference(algo, [p], torch.float32, torch.float32 if i < 3 else second, options)
+            for i, p in enumerate(params)]
+    for step in range(6):
+        if step == 2:
+            opt.param_groups[0]["params"] = [params[0], params[2]]
+            opt.param_groups[1]["params"].append(params[1])
+            refs[1].switch_state_dtype(second)
+        if step == 4 and edit == "switch_after_move":
+            opt.param_groups[0]["state_dtype"] = torch.bfloat16
+            refs[0].switch_state_dtype(torch.bfloat16)
+            refs[2].switch_state_dtype(torch.bfloat16)
+        grads = make_grads(params, step)
+        set_grads(params, grads)
+        opt.step()
+        for i, (ref, grad) in enumerate(zip(refs, grads)):
+            ref.step([grad])
+            ref.check([params[i]], opt)
 
 
 def test_state_set_through_optimizer_state_is_adopted_and_rounded():
