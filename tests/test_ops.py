@@ -100,3 +100,35 @@ def test_kernel_rejects_a_grad_of_the_wrong_size_before_writing(device):
         ops.sgd_step_(param, None, torch.zeros(2, device=device), grads, segments, 0.1, None, 0.0, 0.0,
                       0.0, False, False, None, None, None, False)
     assert torch.equal(param, before)
+
+
+def adam_call(param, segments, grads, exp_avg, exp_avg_sq, step, master=None):
+    ops.adam_step_(param, exp_avg, exp_avg_sq, None, step, grads, segments, 1e-3, None, 0.9, 0.999, 0.0,
+                   1e-8, True, False, None, None, None, False, master)
+
+
+# Each bad state buffer, and the message that names it (csrc/state_buffers.h).
+BAD_STATE = {
+    "short_exp_avg": (lambda p: dict(exp_avg=torch.zeros(p.numel() - 1, device=p.device)),
+                      "exp_avg must be a contiguous buffer like param"),
+    "strided_exp_avg_sq": (lambda p: dict(exp_avg_sq=torch.zeros(2 * p.numel(), device=p.device)[::2]),
+                           "exp_avg_sq must be a contiguous buffer like param"),
+    "float64_exp_avg": (lambda p: dict(exp_avg=torch.zeros_like(p, dtype=torch.float64)),
+                        "state of dtype Double is not supported for Float params"),
+    "master_of_float32_params": (lambda p: dict(master=torch.zeros_like(p)),
+                                 "master_param is for bfloat16 or float16 params"),
+}
+
+
+@pytest.mark.parametrize("bad", BAD_STATE)
+@pytest.mark.parametrize("device", DEVICES)
+def test_kernel_rejects_a_bad_state_buffer_before_writing(device, bad):
+    param, segments, grads = flat_inputs(device)
+    buffers = dict(exp_avg=torch.zeros_like(param), exp_avg_sq=torch.zeros_like(param))
+    make, message = BAD_STATE[bad]
+    buffers.update(make(param))
+    step = torch.zeros(2, device=device)
+    before = [t.clone() for t in (param, step, *buffers.values())]
+    with pytest.raises(RuntimeError, match=message):
+        adam_call(param, segments, grads, buffers["exp_avg"], buffers["exp_avg_sq"], step, buffers.get("master"))
+    assert all(torch.equal(t, b) for t, b in zip((param, step, *buffers.values()), before))

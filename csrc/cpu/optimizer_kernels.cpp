@@ -6,7 +6,7 @@
 // CPU, which registers these kernels for the CPU dispatch key.
 #include "optimizer_math.h"
 #include "segment_table.h"
-#include "state_dtype.h"
+#include "state_buffers.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -255,14 +255,6 @@ template <typename opmath_t>
 std::optional<opmath_t> optional_scalar(const std::optional<at::Tensor>& t) {
   if (!t.has_value()) return std::nullopt;
   return static_cast<opmath_t>(t->item<double>());
-}
-
-// A state buffer: laid out like param, of `dtype`.
-void check_flat(const at::Tensor& flat, const at::Tensor& param, at::ScalarType dtype, const char* name) {
-  TORCH_CHECK(flat.device() == param.device() && flat.scalar_type() == dtype &&
-                  flat.numel() == param.numel() && flat.is_contiguous(),
-              "fusedopt: ", name, " must be a contiguous buffer like param (", param.numel(),
-              " elements of ", dtype, ")");
 }
 
 // Validates the segments/grads contract of segment_table.h. Returns whether the grads
@@ -539,15 +531,7 @@ void sgd_kernel(scalar_t* param, float* master, state_t* momentum_buffer, const 
   });
 }
 
-// The float32 master copy, and how values are rounded on store.
-float* check_master(const std::optional<at::Tensor>& master_param, const at::Tensor& param) {
-  if (!master_param.has_value()) return nullptr;
-  TORCH_CHECK(param.scalar_type() == at::kBFloat16 || param.scalar_type() == at::kHalf,
-              "fusedopt: master_param is for bfloat16 or float16 params, got ", param.scalar_type());
-  check_flat(*master_param, param, at::kFloat, "master_param");
-  return master_param->data_ptr<float>();
-}
-
+// How values are rounded on store.
 Rounding rounding_of(const std::optional<at::Tensor>& rounding_seed, bool has_master) {
   if (!rounding_seed.has_value()) return {false, 0};
   TORCH_CHECK(rounding_seed->numel() == 1 && rounding_seed->scalar_type() == at::kLong,

@@ -15,7 +15,7 @@
 #include "optimizer_math.h"
 #include "row_walk.cuh"
 #include "segment_table.h"
-#include "state_dtype.h"
+#include "state_buffers.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -355,22 +355,6 @@ void check_float_dtype(const at::Tensor& t, const char* name) {
   const auto dtype = t.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
               "fusedopt: ", name, " must be float32, float64, float16 or bfloat16, got ", dtype);
-}
-
-// A state buffer: laid out like param, of `dtype`.
-void check_flat(const at::Tensor& flat, const at::Tensor& param, at::ScalarType dtype, const char* name) {
-  TORCH_CHECK(flat.device() == param.device() && flat.scalar_type() == dtype &&
-                  flat.numel() == param.numel() && flat.is_contiguous(),
-              "fusedopt: ", name, " must be a contiguous buffer like param (", param.numel(),
-              " elements of ", dtype, " on ", param.device(), ")");
-}
-
-float* check_master(const std::optional<at::Tensor>& master_param, const at::Tensor& param) {
-  if (!master_param.has_value()) return nullptr;
-  TORCH_CHECK(param.scalar_type() == at::kBFloat16 || param.scalar_type() == at::kHalf,
-              "fusedopt: master_param is for bfloat16 or float16 params, got ", param.scalar_type());
-  check_flat(*master_param, param, at::kFloat, "master_param");
-  return master_param->data_ptr<float>();
 }
 
 // The seed of stochastic rounding: read by the kernels on the device (no sync), or

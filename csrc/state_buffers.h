@@ -1,6 +1,7 @@
-// Host-side checks of and dispatch on the dtype of a step's state buffers (momentum
-// buffer, moments), shared by the CPU and CUDA kernels: float32, bfloat16 or float16
-// state for params computed in float, and the params' own dtype for float64 params.
+// Host-side checks of a step's state buffers (momentum buffer, moments, the float32
+// master copy) and dispatch on their dtype, shared by the CPU and CUDA kernels: float32,
+// bfloat16 or float16 state for params computed in float, and the params' own dtype for
+// float64 params.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -9,6 +10,7 @@
 #include <c10/util/Exception.h>
 #include <c10/util/Half.h>
 
+#include <optional>
 #include <type_traits>
 
 namespace fusedopt {
@@ -23,6 +25,23 @@ inline at::ScalarType check_state_dtype(const at::Tensor& state, const at::Tenso
               "fusedopt: state of dtype ", dtype, " is not supported for ", param.scalar_type(),
               " params (float32, bfloat16 or float16 state needs float32, bfloat16 or float16 params)");
   return dtype;
+}
+
+// A state buffer: laid out like param, of `dtype`.
+inline void check_flat(const at::Tensor& flat, const at::Tensor& param, at::ScalarType dtype, const char* name) {
+  TORCH_CHECK(flat.device() == param.device() && flat.scalar_type() == dtype &&
+                  flat.numel() == param.numel() && flat.is_contiguous(),
+              "fusedopt: ", name, " must be a contiguous buffer like param (", param.numel(),
+              " elements of ", dtype, " on ", param.device(), ")");
+}
+
+// The float32 master copy of bfloat16 or float16 params, if given.
+inline float* check_master(const std::optional<at::Tensor>& master_param, const at::Tensor& param) {
+  if (!master_param.has_value()) return nullptr;
+  TORCH_CHECK(param.scalar_type() == at::kBFloat16 || param.scalar_type() == at::kHalf,
+              "fusedopt: master_param is for bfloat16 or float16 params, got ", param.scalar_type());
+  check_flat(*master_param, param, at::kFloat, "master_param");
+  return master_param->data_ptr<float>();
 }
 
 // Calls f with a null state_t* for the state dtype.
