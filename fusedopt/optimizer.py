@@ -274,9 +274,10 @@ class FusedOptimizer(Optimizer):
         self._check_params([p for p in params if not is_lazy(p)])
         present = [p for p in params if not is_lazy(p)]
         check_low_precision_group(group, present)
-        placed = {id(self._slots[p][0]): self._slots[p][0] for p in present if self._in_its_slot(p)}
-        clashing = {key for key, buf in placed.items() if self._state_dtypes_clash(group, buf)}
-        moving = [p for p in present if not self._in_its_slot(p) or id(self._slots[p][0]) in clashing]
+        placed = {id(p): self._slots[p][0] for p in present if self._in_its_slot(p)}  # param -> its buffer
+        buffers = {id(buf): buf for buf in placed.values()}
+        clashing = {key for key, buf in buffers.items() if self._state_dtypes_clash(group, buf)}
+        moving = [p for p in present if id(p) not in placed or id(placed[id(p)]) in clashing]
         for buf in self._new_buffers(moving):
             for row, p in enumerate(buf.params):
                 self._slots[p] = (buf, row)
