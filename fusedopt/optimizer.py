@@ -28,6 +28,9 @@ STATE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MASTER_KEY = "master_param"
 # The low-precision hyperparameters, with their defaults (torch.optim's trajectory).
 LOW_PRECISION_DEFAULTS = {"state_dtype": None, "master_weights": False, "stochastic_rounding": False}
+# A row's record (Part.synced) while optimizer.state holds state for it that fusedopt has
+# not adopted yet: an entry of its own, so no entry, not even none, matches it.
+NOT_ADOPTED = (object(),)
 
 
 def check_state_dtype(state_dtype: Any) -> None:
@@ -281,8 +284,13 @@ class FusedOptimizer(Optimizer):
         for buf in self._new_buffers(moving):
             for row, p in enumerate(buf.params):
                 self._slots[p] = (buf, row)
+        # A row's record of optimizer.state carries over where it stays in its buffer and
+        # was made for the state this group keeps now (one made while momentum was off
+        # vouches for no momentum buffer).
+        keys = self._group_state_keys(group)
         synced = {p: s for plan in old for part in plan.parts for p, s in zip(part.params, part.synced)
-                  if self._slots.get(p, (None,))[0] is part.buf}
+                  if self._slots.get(p, (None,))[0] is part.buf and part.keys == keys
+                  and part.dtypes == self._state_dtypes(group, keys, part.buf.dtype)}
         parts: dict[int, Part] = {}
         for p in present:
             buf, row = self._slots[p]
@@ -292,14 +300,11 @@ class FusedOptimizer(Optimizer):
             part.rows.append(row)
             part.params.append(p)
             part.views.append(buf.views[row])
-            part.synced.append(synced.get(p))
-            if p not in synced:
-                self._reset_if_stateless(buf, row)
-        keys = self._group_state_keys(group)
+            part.synced.append(synced[p] if p in synced else self._unsynced_record(buf, row))
         for part in parts.values():
             part.keys, part.dtypes = keys, self._state_dtypes(group, keys, part.buf.dtype)
             if part.buf.set_state_dtypes(dict(zip(keys, part.dtypes))):
-                part.synced = [None] * len(part.rows)  # re-adopted from optimizer.state
+                part.synced = [self._unsynced_record(part.buf, row) for row in part.rows]
         return GroupPlan(params, list(parts.values()), lazy)
 
     def _state_dtypes(self, group: dict[str, Any], keys: tuple[str, ...], param_dtype: torch.dtype) -> tuple:
@@ -346,15 +351,20 @@ class FusedOptimizer(Optimizer):
             return None
         return torch.randint(0, 2 ** 62, (1,), dtype=torch.int64, device=buf.device)
 
-    def _reset_if_stateless(self, buf: FlatBuffer, row: int) -> None:
-        """A row whose record of optimizer.state was dropped (its group deleted and the
-        parameter re-added, or the group's state keys changed): with no state in
-        optimizer.state, torch.optim starts the parameter afresh, so its slots are reset."""
+    def _unsynced_record(self, buf: FlatBuffer, row: int) -> tuple | None:
+        """The record for a row whose record of optimizer.state was dropped (its group
+        deleted and the parameter re-added, the group's state keys or dtypes changed).
+        With no state in optimizer.state, torch.optim starts the parameter afresh: its
+        slots are reset and the record is None (nothing adopted, slots fresh). Otherwise
+        NOT_ADOPTED, which every check that looks at state sees as changed until it
+        adopts the entry, whatever happens to the entry meanwhile (a zero_grad's check
+        does not look; the entry may be deleted before the next step's)."""
         if self.state.get(buf.params[row]):
-            return  # the per-step check adopts it
+            return NOT_ADOPTED
         buf.step[row] = 0
         for flat in buf.state.values():
             buf.view_of(flat, row).zero_()
+        return None
 
     def _current_plans(self) -> list[GroupPlan]:
         """A plan per param group, following edits of ``param_groups`` (parameters
@@ -404,9 +414,8 @@ class FusedOptimizer(Optimizer):
                             break  # re-planned: this group's rows move out of the shared buffer
                         part.keys, part.dtypes = keys, dtypes
                         part.buf.set_state_dtypes(dict(zip(keys, dtypes)))
-                        part.synced, part.complete = [None] * len(part.rows), False
-                        for row in part.rows:
-                            self._reset_if_stateless(part.buf, row)
+                        part.synced = [self._unsynced_record(part.buf, row) for row in part.rows]
+                        part.complete = False
                     stale, dirty, rows, grads, flat, bad = self._check_part(part, keys)
                     if stale >= 0:
                         break

@@ -272,6 +272,42 @@ def test_sgd_momentum_switched_on_mid_run_starts_the_buffer_from_the_grad(dampen
     run_both("SGD", program, momentum=0.0, dampening=dampening)
 
 
+def test_state_deleted_while_momentum_is_off_starts_afresh_after_a_regroup():
+    """Momentum switched off, a state entry deleted, momentum back on and the group's
+    parameter list edited before the next step: the regrouped rows' record of
+    optimizer.state, made while the group kept no state, no longer vouches for it, so the
+    parameter starts a new momentum buffer from its grad, as torch.optim does (found by
+    the differential test: the old buffer was silently reused)."""
+    def program(opt, params):
+        trained(opt, params, steps=1)
+        opt.param_groups[0]["momentum"] = 0.0
+        trained(opt, params, steps=1, first=1)
+        del opt.state[params[2]]
+        trained(opt, params, steps=1, first=2)
+        opt.param_groups[0]["momentum"] = 0.9
+        remove_param(opt.param_groups[0]["params"], params[0])
+        trained(opt, params, first=3)
+    run_both("SGD", program, momentum=0.5)
+
+
+@pytest.mark.parametrize("algo", ALGOS)
+def test_state_cleared_before_a_regrouped_parameter_was_adopted_starts_afresh(algo):
+    """A parameter that left its group and came back in a new one keeps its state in
+    optimizer.state until a step adopts it; zero_grads in between (whose checks do not
+    look at state) and then opt.state.clear() must leave it starting afresh at the next
+    step, as torch.optim does (found by the differential test: its old step counter and
+    moments were reused)."""
+    def program(opt, params):
+        step_with(opt, params, 0, only={0})
+        remove_param(opt.param_groups[0]["params"], params[0])
+        opt.zero_grad(set_to_none=False)
+        opt.add_param_group({"params": [params[0]]})
+        opt.zero_grad(set_to_none=False)
+        opt.state.clear()
+        step_with(opt, params, 1, only={0})
+    run_both(algo, program)
+
+
 # ------------------------------------------------------------------------ where params live
 
 def test_hogwild_share_memory_workers_update_the_shared_model():
