@@ -13,10 +13,11 @@ Operations (each applied identically to both optimizers and to both sets of para
   step(); and a combined train step doing all of that.
 * add_param_group with a new param (and possibly an orphan: a param that left every group).
 * state-dict round trips: self-load, load of a deepcopy, load through torch.save/torch.load.
-* edits through opt.state: clear(), del state[p], state[p][key] replaced by a scaled clone or
-  scaled in place, Adam's state[p]["step"] replaced by a new tensor, SGD's
-  state[p]["momentum_buffer"] = None.
+* edits through opt.state: clear(), del state[p], state[p][key] replaced by a scaled clone,
+  scaled in place or its .data re-pointed to scaled new memory, Adam's state[p]["step"]
+  replaced by a new tensor, SGD's state[p]["momentum_buffer"] = None.
 * edits through param_groups: lr / weight_decay / betas / momentum (incl. 0 <-> nonzero),
+  nesterov / dampening / maximize / amsgrad / eps / decoupled_weight_decay,
   a param appended to a group's list (new or orphan), a param removed from a list, a group
   deleted.
 * re-pointing p.data (a clone, the same values in the other memory layout, new values).
@@ -58,6 +59,10 @@ MOMENTA = [0.0, 0.5, 0.9]
 HYPERPARAMETERS = {"SGD": ["lr", "weight_decay", "momentum"],
                    "Adam": ["lr", "weight_decay", "betas"],
                    "AdamW": ["lr", "weight_decay", "betas"]}
+FLAGS = {"SGD": {"nesterov": [False, True], "dampening": [0.0, 0.1, 0.5], "maximize": [False, True]},
+         "Adam": {"amsgrad": [False, True], "maximize": [False, True], "eps": [1e-8, 1e-6, 1e-3],
+                  "decoupled_weight_decay": [False, True]}}
+FLAGS["AdamW"] = FLAGS["Adam"]
 
 
 def sgd_options():
@@ -252,6 +257,25 @@ class Differential(RuleBasedStateMachine):
             opt.param_groups[gi][key] = value
         self.apply(op)
 
+    @rule(data=st.data())
+    def set_flag(self, data):
+        """A group's other options, switched mid-run as a user may: SGD's nesterov,
+        dampening and maximize; Adam's amsgrad, maximize, eps and decoupled_weight_decay.
+        amsgrad is switched on only where every param with state has a max_exp_avg_sq
+        (else torch.optim raises a KeyError after creating state for the params before it,
+        a half-applied step fusedopt deliberately does not copy)."""
+        gi = data.draw(st.integers(0, len(self.ref.param_groups) - 1), label="group")
+        group = self.ref.param_groups[gi]
+        key = data.draw(st.sampled_from(sorted(FLAGS[self.ALGO])), label="key")
+        value = data.draw(st.sampled_from(FLAGS[self.ALGO][key]), label="value")
+        if key == "amsgrad" and value and any(p in self.ref.state and "max_exp_avg_sq" not in self.ref.state[p]
+                                              for p in group["params"]):
+            return
+
+        def op(opt, params):
+            opt.param_groups[gi][key] = value
+        self.apply(op)
+
     @precondition(lambda self: self.ALGO == "SGD")
     @rule(data=st.data())
     def toggle_momentum(self, data):
@@ -328,9 +352,10 @@ class Differential(RuleBasedStateMachine):
             del opt.state[params[i]]
         self.apply(op)
 
-    @rule(data=st.data(), factor=st.sampled_from([0.5, 2.0, 0.0]), in_place=st.booleans())
-    def scale_state_tensor(self, data, factor, in_place):
-        """state[p][key] = state[p][key].clone() * factor, or .mul_(factor) in place."""
+    @rule(data=st.data(), factor=st.sampled_from([0.5, 2.0, 0.0]), how=st.sampled_from(["replace", "in_place", "data"]))
+    def scale_state_tensor(self, data, factor, how):
+        """state[p][key] = state[p][key].clone() * factor, .mul_(factor) in place, or the
+        tensor's .data re-pointed to scaled new memory (the same tensor object)."""
         candidates = [(i, key) for i in self.with_state() for key, v in self.ref.state[self.ref_params[i]].items()
                       if key != "step" and torch.is_tensor(v)]
         if not candidates:
@@ -339,8 +364,10 @@ class Differential(RuleBasedStateMachine):
 
         def op(opt, params):
             entry = opt.state[params[i]]
-            if in_place:
+            if how == "in_place":
                 entry[key].mul_(factor)
+            elif how == "data":
+                entry[key].data = entry[key].data.clone() * factor
             else:
                 entry[key] = entry[key].clone() * factor
         self.apply(op)
