@@ -472,15 +472,17 @@ class FusedOptimizer(Optimizer):
         """Keys a non-empty state entry must have for torch.optim's step."""
         return ()
 
-    def _sync_state(self, checked: list[CheckedPart]) -> None:
+    def _sync_state(self, checked: list[CheckedPart], stepping: bool = True) -> None:
         """Brings the slots of every row whose public state changed up to date: all
-        rows are validated first, then written."""
+        rows are validated first, then written. ``stepping``: for the step about to run
+        (a row with a grad whose entry lacks a key raises torch.optim's KeyError); a load
+        leaves such a row to the next step, as torch.optim's load does."""
         own = None
         plan = []
         for c in checked:
             if not c.dirty:
                 continue
-            with_grad = set(c.rows)
+            with_grad = set(c.rows) if stepping else set()
             own = self._own_memory() if own is None else own
             for j in c.dirty:
                 p, row = c.part.params[j], c.part.rows[j]
@@ -595,7 +597,7 @@ class FusedOptimizer(Optimizer):
             if entry is not None and torch.is_tensor(entry.get(key)) and entry[key].dtype != value.dtype:
                 entry[key] = value.detach().to(device=entry[key].device, copy=True)
         if self._tracks_public_state:
-            self._sync_state(self._checked_parts(check_grads=False))
+            self._sync_state(self._checked_parts(check_grads=False), stepping=False)
 
     # --- grads ------------------------------------------------------------------------
     @torch._disable_dynamo  # as torch.optim's: always eager, also inside a compiled function

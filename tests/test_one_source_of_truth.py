@@ -195,6 +195,27 @@ def test_state_entry_missing_a_key_raises_torchs_keyerror_before_any_write(algo)
     assert [opt.state[p]["step"].item() for p in params[:2]] == steps
 
 
+def test_checkpoint_entry_missing_a_key_loads_as_torch_and_the_step_raises():
+    """torch.optim's load_state_dict takes an entry without a key the group needs (amsgrad
+    switched on in the checkpoint's groups, no max_exp_avg_sq); only its step raises the
+    KeyError. fusedopt loads it too and raises at the step, before any write."""
+    states = []
+    for lib in ("torch", "fusedopt"):
+        params = make_params(SHAPES)
+        opt = build("Adam", lib, params, amsgrad=False)
+        trained(opt, params)
+        state_dict = opt.state_dict()
+        state_dict["param_groups"][0]["amsgrad"] = True
+        opt.load_state_dict(state_dict)  # no error, as torch
+        before = [p.detach().clone() for p in params]
+        with pytest.raises(KeyError, match="max_exp_avg_sq"):
+            step_with(opt, params, 5)
+        states.append((opt, params, before))
+    _, (fused, fused_params, before) = states
+    assert all(torch.equal(p, b) for p, b in zip(fused_params, before))
+    assert all(fused.state[p]["step"].item() == 3 for p in fused_params)
+
+
 # 40 rows in one flat buffer: the per-step check reads rows ahead of the one it checks
 # ([note: prefetching the check] in csrc/python_module.cpp); edits far into the buffer
 # and on its last rows must be seen exactly as on the first.
