@@ -10,12 +10,15 @@ prints the shrunk program as plain Python-like steps.
 Operations (each applied identically to both optimizers and to both sets of params):
 * zero_grad(set_to_none=True/False); writing fresh grads for a random subset of params (in
   place, ``p.grad.copy_(g)``, where a grad exists, else assigned); ``p.grad.data = new``;
+  ``p.grad = None`` for one param;
   step(); and a combined train step doing all of that.
 * add_param_group with a new param (and possibly an orphan: a param that left every group).
-* state-dict round trips: self-load, load of a deepcopy, load through torch.save/torch.load.
-* edits through opt.state: clear(), del state[p], state[p][key] replaced by a scaled clone,
-  scaled in place or its .data re-pointed to scaled new memory, Adam's state[p]["step"]
-  replaced by a new tensor, SGD's state[p]["momentum_buffer"] = None.
+* state-dict round trips: self-load, load of a deepcopy, load through torch.save/torch.load;
+  a deepcopy of the params and optimizer together, training going on with the copies.
+* edits through opt.state: clear(), a new state object (empty or with the same entries),
+  del state[p], state[p][key] replaced by a scaled clone, scaled in place or its .data
+  re-pointed to scaled new memory, Adam's state[p]["step"] replaced by a new tensor, SGD's
+  state[p]["momentum_buffer"] = None.
 * edits through param_groups: lr / weight_decay / betas / momentum (incl. 0 <-> nonzero),
   nesterov / dampening / maximize / amsgrad / eps / decoupled_weight_decay,
   a param appended to a group's list (new or orphan), a param removed from a list, a group
@@ -27,6 +30,7 @@ in no group), fusedopt must raise the same exception type; the program then goes
 """
 import copy
 import io
+from collections import defaultdict
 
 import pytest
 import torch
@@ -60,7 +64,7 @@ HYPERPARAMETERS = {"SGD": ["lr", "weight_decay", "momentum"],
                    "Adam": ["lr", "weight_decay", "betas"],
                    "AdamW": ["lr", "weight_decay", "betas"]}
 FLAGS = {"SGD": {"nesterov": [False, True], "dampening": [0.0, 0.1, 0.5], "maximize": [False, True]},
-         "Adam": {"amsgrad": [False, True], "maximize": [False, True], "eps": [1e-8, 1e-6, 1e-3],
+         "Adam": {"maximize": [False, True], "eps": [1e-8, 1e-6, 1e-3],
                   "decoupled_weight_decay": [False, True]}}
 FLAGS["AdamW"] = FLAGS["Adam"]
 
@@ -217,6 +221,15 @@ class Differential(RuleBasedStateMachine):
         set_data = self._grad_data_setter(data)
         self.apply(lambda opt, params: set_data(params))
 
+    @rule(data=st.data())
+    def drop_grad(self, data):
+        """p.grad = None for one param, as code that freezes a layer for a while does."""
+        with_grad = [i for i, p in enumerate(self.ref_params) if p.grad is not None]
+        if not with_grad:
+            return
+        i = data.draw(st.sampled_from(with_grad), label="p.grad = None for")
+        self.apply(lambda opt, params: setattr(params[i], "grad", None))
+
     @rule()
     def step(self):
         self.apply(lambda opt, params: opt.step())
@@ -260,20 +273,29 @@ class Differential(RuleBasedStateMachine):
     @rule(data=st.data())
     def set_flag(self, data):
         """A group's other options, switched mid-run as a user may: SGD's nesterov,
-        dampening and maximize; Adam's amsgrad, maximize, eps and decoupled_weight_decay.
-        amsgrad is switched on only where every param with state has a max_exp_avg_sq
-        (else torch.optim raises a KeyError after creating state for the params before it,
-        a half-applied step fusedopt deliberately does not copy)."""
+        dampening and maximize; Adam's maximize, eps and decoupled_weight_decay."""
         gi = data.draw(st.integers(0, len(self.ref.param_groups) - 1), label="group")
-        group = self.ref.param_groups[gi]
         key = data.draw(st.sampled_from(sorted(FLAGS[self.ALGO])), label="key")
         value = data.draw(st.sampled_from(FLAGS[self.ALGO][key]), label="value")
-        if key == "amsgrad" and value and any(p in self.ref.state and "max_exp_avg_sq" not in self.ref.state[p]
-                                              for p in group["params"]):
-            return
 
         def op(opt, params):
             opt.param_groups[gi][key] = value
+        self.apply(op)
+
+    @precondition(lambda self: self.ALGO != "SGD")
+    @rule(on=st.booleans())
+    def set_amsgrad(self, on):
+        """amsgrad switched for every group and the defaults. On only while no state entry
+        lacks a max_exp_avg_sq: torch.optim's step would raise a KeyError after creating
+        state for the params before it, a half-applied step fusedopt does not copy (it
+        raises before any write; test_one_source_of_truth pins that)."""
+        if on and any(entry and "max_exp_avg_sq" not in entry for entry in self.ref.state.values()):
+            return
+
+        def op(opt, params):
+            opt.defaults["amsgrad"] = on
+            for group in opt.param_groups:
+                group["amsgrad"] = on
         self.apply(op)
 
     @precondition(lambda self: self.ALGO == "SGD")
@@ -336,10 +358,24 @@ class Differential(RuleBasedStateMachine):
             opt.load_state_dict(sd)
         self.apply(op)
 
+    @rule()
+    def deepcopy_training_setup(self):
+        """copy.deepcopy of the params and the optimizer together; training goes on with
+        the copies (the copy rebuilds fusedopt's cache from the public objects)."""
+        for side in self.sides:
+            self.sides[side], self.opts[side] = copy.deepcopy((self.sides[side], self.opts[side]))
+
     # --- optimizer.state ----------------------------------------------------------------
     @rule()
     def clear_state(self):
         self.apply(lambda opt, params: opt.state.clear())
+
+    @rule(keep=st.booleans())
+    def replace_state_object(self, keep):
+        """opt.state = a new defaultdict: empty, or holding the same entries."""
+        def op(opt, params):
+            opt.state = defaultdict(dict, opt.state if keep else {})
+        self.apply(op)
 
     @rule(data=st.data())
     def delete_state(self, data):
