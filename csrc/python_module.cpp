@@ -31,7 +31,8 @@ bool same_place(const at::Tensor& a, const at::Tensor& b) {
 
 // Whether `entry` (opt.state[p], or nullptr) still holds exactly what fusedopt put there:
 // `synced` is None (no state yet) or (entry, view, address, view, address, ...) in the
-// order of `keys` (optimizer.py's NOT_ADOPTED, a 1-tuple of its own, matches no entry). Keys fusedopt does not manage are the user's and are not looked at.
+// order of `keys`; optimizer.py's NOT_ADOPTED, a 1-tuple of its own, matches no entry.
+// Keys fusedopt does not manage are the user's and are not looked at.
 bool state_in_sync(PyObject* entry, PyObject* synced, PyObject* keys) {
   if (synced == Py_None) return entry == nullptr;
   if (entry != PyTuple_GET_ITEM(synced, 0) || !PyDict_Check(entry)) return false;

@@ -288,9 +288,10 @@ class FusedOptimizer(Optimizer):
         # was made for the state this group keeps now (one made while momentum was off
         # vouches for no momentum buffer).
         keys = self._group_state_keys(group)
-        synced = {p: s for plan in old for part in plan.parts for p, s in zip(part.params, part.synced)
-                  if self._slots.get(p, (None,))[0] is part.buf and part.keys == keys
-                  and part.dtypes == self._state_dtypes(group, keys, part.buf.dtype)}
+        same_state = [part for plan in old for part in plan.parts
+                      if part.keys == keys and part.dtypes == self._state_dtypes(group, keys, part.buf.dtype)]
+        synced = {p: s for part in same_state for p, s in zip(part.params, part.synced)
+                  if self._slots.get(p, (None,))[0] is part.buf}
         parts: dict[int, Part] = {}
         for p in present:
             buf, row = self._slots[p]
