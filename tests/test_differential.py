@@ -11,7 +11,8 @@ Operations (each applied identically to both optimizers and to both sets of para
 * zero_grad(set_to_none=True/False); writing fresh grads for a random subset of params (in
   place, ``p.grad.copy_(g)``, where a grad exists, else assigned); ``p.grad.data = new``;
   ``p.grad = None`` for one param;
-  step(); and a combined train step doing all of that.
+  step(); fusedopt's step(zero_grad=True) against torch's step() then
+  zero_grad(set_to_none=False); and a combined train step doing all of that.
 * add_param_group with a new param (and possibly an orphan: a param that left every group).
 * state-dict round trips: self-load, load of a deepcopy, load through torch.save/torch.load;
   a deepcopy of the params and optimizer together, training going on with the copies.
@@ -149,18 +150,20 @@ class Differential(RuleBasedStateMachine):
         return [i for i, p in enumerate(self.ref_params)
                 if p in self.ref.state and (key is None or key in self.ref.state[p])]
 
-    def apply(self, op):
-        """op(opt, params) on torch's side, then on fusedopt's; where torch raises, fusedopt
-        must raise the same exception type."""
+    def apply(self, op, fused_op=None):
+        """op(opt, params) on torch's side, then on fusedopt's (fused_op there, where given:
+        fusedopt's spelling of the same thing); where torch raises, fusedopt must raise the
+        same exception type."""
+        fused_op = fused_op or op
         try:
             op(self.opts["ref"], self.sides["ref"])
         except Exception as expected:
             with pytest.raises(Exception) as raised:
-                op(self.opts["fused"], self.sides["fused"])
+                fused_op(self.opts["fused"], self.sides["fused"])
             assert type(raised.value) is type(expected), (
                 f"torch raised {expected!r}, fusedopt raised {raised.value!r}")
             return
-        op(self.opts["fused"], self.sides["fused"])
+        fused_op(self.opts["fused"], self.sides["fused"])
 
     # --- setup --------------------------------------------------------------------------
     @initialize(data=st.data(), split=st.booleans())
@@ -233,6 +236,15 @@ class Differential(RuleBasedStateMachine):
     @rule()
     def step(self):
         self.apply(lambda opt, params: opt.step())
+
+    @rule()
+    def step_zeroing_grads(self):
+        """fusedopt's step(zero_grad=True), which zeroes the grads in the update pass, against
+        torch.optim's step() then zero_grad(set_to_none=False)."""
+        def step_then_zero(opt, params):
+            opt.step()
+            opt.zero_grad(set_to_none=False)
+        self.apply(step_then_zero, lambda opt, params: opt.step(zero_grad=True))
 
     @rule(data=st.data(), zero=st.sampled_from(["set_to_none", "zero_in_place", "keep"]),
           set_grad_data=st.booleans())
