@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from . import _C
 from .flat_buffer import SEGMENT_COLUMNS, FlatBuffer, is_dtensor
-from .optimizer import FusedOptimizer, GradTransform
+from .optimizer import FusedOptimizer
 
 __all__ = ["ShardedOptimizer"]
 
@@ -219,9 +219,8 @@ class ShardedOptimizer(FusedOptimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        transform = self._grad_transform()
         self._consolidated_state = None
-        transform = GradTransform(getattr(self, "grad_scale", None), getattr(self, "found_inf", None),
-                                  self._pending_grad_multiplier)
         self._pending_grad_multiplier = None
         found_inf = transform.found_inf
         skipped = found_inf is not None and found_inf.device.type == "cpu" and bool(found_inf.item())

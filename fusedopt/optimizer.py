@@ -662,8 +662,7 @@ class FusedOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        transform = GradTransform(getattr(self, "grad_scale", None), getattr(self, "found_inf", None),
-                                  self._pending_grad_multiplier, zero_grad)
+        transform = self._grad_transform(zero_grad)
         if torch.compiler.is_compiling():
             self._traced_step(transform)
             return loss
@@ -677,6 +676,17 @@ class FusedOptimizer(Optimizer):
         for c in work:
             self._run(c, transform, skipped)
         return loss
+
+    def _grad_transform(self, zero_grad: bool = False) -> GradTransform:
+        """What this step does to each grad: GradScaler's scale and overflow flag (which
+        scaler.step sets on the optimizer), the pending clip coefficient, zeroing."""
+        found_inf = getattr(self, "found_inf", None)
+        if found_inf is not None and not torch.is_tensor(found_inf):
+            # GradScaler found no grad to check (its sum over no devices is the int 0):
+            # torch.optim, stepped through scaler.unscale_, stops with this assertion.
+            raise AssertionError("No inf checks were recorded for this optimizer.")
+        return GradTransform(getattr(self, "grad_scale", None), found_inf, self._pending_grad_multiplier,
+                             zero_grad)
 
     def _run(self, c: CheckedPart, transform: GradTransform, skipped: bool) -> None:
         buf = c.part.buf

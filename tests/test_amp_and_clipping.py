@@ -123,6 +123,27 @@ def test_overflow_changes_nothing_even_on_the_first_step(algo):
         assert opt.state_dict()["state"] == {}
 
 
+@pytest.mark.parametrize("algo", ALGOS)
+def test_grad_scaler_step_without_any_grad_raises_torchs_assertion_and_changes_nothing(algo):
+    """scaler.step(opt) when no parameter has a grad (a frozen model): torch.optim stops
+    in scaler.unscale_ with an AssertionError; fusedopt raises the same, not an error
+    about GradScaler's internals, and leaves the optimizer and model as they were."""
+    errors = []
+    for cls in ALGOS[algo][:2]:
+        model = make_model()
+        opt = cls(model.parameters(), **ALGOS[algo][2])
+        state_before = copy.deepcopy(opt.state_dict())
+        before = [p.detach().clone() for p in model.parameters()]
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+        scaler.scale(torch.ones(()))
+        with pytest.raises(AssertionError) as raised:
+            scaler.step(opt)
+        errors.append(str(raised.value))
+        assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+        assert opt.state_dict() == state_before
+    assert errors[1] == errors[0]
+
+
 @pytest.mark.parametrize("norm_type", [2.0, float("inf"), 1.0])
 @pytest.mark.parametrize("algo", ALGOS)
 def test_clip_grad_norm_returns_torch_norm_and_clips_inside_the_step(algo, norm_type):
