@@ -12,7 +12,8 @@ Operations (each applied identically to both optimizers and to both sets of para
   place, ``p.grad.copy_(g)``, where a grad exists, else assigned); ``p.grad.data = new``;
   ``p.grad = None`` for one param;
   step(); fusedopt's step(zero_grad=True) against torch's step() then
-  zero_grad(set_to_none=False); and a combined train step doing all of that.
+  zero_grad(set_to_none=False); a combined train step doing all of that; a GradScaler
+  step with scaled grads, sometimes overflowing.
 * add_param_group with a new param (and possibly an orphan: a param that left every group).
 * state-dict round trips: self-load, load of a deepcopy, load through torch.save/torch.load;
   a deepcopy of the params and optimizer together, training going on with the copies.
@@ -177,6 +178,11 @@ class Differential(RuleBasedStateMachine):
                       else [{"params": list(params)}])
             self.opts[side] = getattr(torch.optim if side == "ref" else fusedopt, self.ALGO)(
                 groups, lr=lr, foreach=False, **copy.deepcopy(options))
+        # One GradScaler per side, in lockstep (growth every 3 unskipped steps).
+        self.scalers = {side: torch.amp.GradScaler(self.DEVICE, init_scale=2.0 ** 8, growth_interval=3)
+                        for side in self.sides}
+        for scaler in self.scalers.values():
+            scaler.scale(torch.ones((), device=self.DEVICE))  # makes its scale tensor
 
     # --- grads and steps ----------------------------------------------------------------
     def _grad_writer(self, data):
@@ -236,6 +242,33 @@ class Differential(RuleBasedStateMachine):
     @rule()
     def step(self):
         self.apply(lambda opt, params: opt.step())
+
+    @rule(data=st.data(), overflow=st.booleans())
+    def amp_train_step(self, data, overflow):
+        """A mixed-precision step as a training loop runs it: zero_grad(), fresh grads for a
+        subset multiplied by the loss scale (one element inf when overflow), scaler.step(opt),
+        scaler.update(), zero_grad(). The grads scaler.step leaves are what differs by
+        design (fusedopt keeps them scaled; README), so the step ends by dropping them."""
+        write = self._grad_writer(data)
+        scale = self.scalers["ref"].get_scale()
+
+        def op(opt, params):
+            scaler = self.scalers["ref" if opt is self.opts["ref"] else "fused"]
+            opt.zero_grad(set_to_none=True)
+            write(params)
+            grads = [p.grad for group in opt.param_groups for p in group["params"] if p.grad is not None]
+            if not grads:
+                return  # scaler.step would assert that it found no grads (test_amp_and_clipping)
+            with torch.no_grad():
+                for g in grads:
+                    g.mul_(scale)
+                if overflow:
+                    grads[0].view(-1)[0] = float("inf")
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad(set_to_none=True)
+        self.apply(op)
+        assert self.scalers["fused"].get_scale() == self.scalers["ref"].get_scale()
 
     @rule()
     def step_zeroing_grads(self):
