@@ -24,7 +24,7 @@ Operations (each applied identically to both optimizers and to both sets of para
 * edits through param_groups: lr / weight_decay / betas / momentum (incl. 0 <-> nonzero),
   nesterov / dampening / maximize / amsgrad / eps / decoupled_weight_decay,
   a param appended to a group's list (new or orphan), a param removed from a list, a group
-  deleted.
+  deleted, a group's list replaced by a reversed one, every group dict replaced by a copy.
 * re-pointing p.data (a clone, the same values in the other memory layout, new values).
 
 Where torch.optim raises (its state_dict() raises KeyError while a param that has state is
@@ -377,6 +377,22 @@ class Differential(RuleBasedStateMachine):
 
         def op(opt, params):
             del opt.param_groups[gi]["params"][j]
+        self.apply(op)
+
+    @rule(data=st.data())
+    def reorder_group(self, data):
+        """group["params"] = a new list, reversed (state follows each param, not its place)."""
+        gi = data.draw(st.integers(0, len(self.ref.param_groups) - 1), label="group")
+
+        def op(opt, params):
+            opt.param_groups[gi]["params"] = opt.param_groups[gi]["params"][::-1]
+        self.apply(op)
+
+    @rule()
+    def copy_param_groups(self):
+        """opt.param_groups = [dict(group) for group in opt.param_groups]: new group dicts."""
+        def op(opt, params):
+            opt.param_groups = [dict(group) for group in opt.param_groups]
         self.apply(op)
 
     @precondition(lambda self: len(self.ref.param_groups) > 1)
