@@ -25,7 +25,8 @@ Operations (each applied identically to both optimizers and to both sets of para
   nesterov / dampening / maximize / amsgrad / eps / decoupled_weight_decay,
   a param appended to a group's list (new or orphan), a param removed from a list, a group
   deleted, a group's list replaced by a reversed one, every group dict replaced by a copy.
-* re-pointing p.data (a clone, the same values in the other memory layout, new values).
+* re-pointing p.data (a clone, the same values in the other memory layout, new values);
+  share_memory_() of every param.
 
 Where torch.optim raises (its state_dict() raises KeyError while a param that has state is
 in no group), fusedopt must raise the same exception type; the program then goes on.
@@ -511,6 +512,15 @@ class Differential(RuleBasedStateMachine):
                 q.data = other_layout(q.data)
             else:
                 q.data = new.clone()
+        self.apply(op)
+
+    @rule()
+    def share_memory(self):
+        """model.share_memory(), as the Hogwild recipe calls it: every param's storage moves
+        to shared memory in place (for fusedopt, that of the flat buffers its params are views of)."""
+        def op(opt, params):
+            for p in params:
+                p.share_memory_()
         self.apply(op)
 
     # --- the comparison -----------------------------------------------------------------
