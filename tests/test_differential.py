@@ -14,7 +14,8 @@ Operations (each applied identically to both optimizers and to both sets of para
   step(); fusedopt's step(zero_grad=True) against torch's step() then
   zero_grad(set_to_none=False); a combined train step doing all of that; a GradScaler
   step with scaled grads, sometimes overflowing.
-* add_param_group with a new param (and possibly an orphan: a param that left every group).
+* add_param_group with a new param (and possibly an orphan: a param that left every group),
+  or with two params that are views of one tensor (halves, or interleaved columns).
 * state-dict round trips: self-load, load of a deepcopy, load through torch.save/torch.load;
   a deepcopy of the params and optimizer together, training going on with the copies.
 * edits through opt.state: clear(), a new state object (empty or with the same entries),
@@ -115,6 +116,7 @@ class Differential(RuleBasedStateMachine):
     def __init__(self):
         super().__init__()
         self.sides = {"ref": [], "fused": []}  # params, index-aligned on both sides
+        self.user_tensors = {"ref": [], "fused": []}  # tensors some params are views of
         self.opts = {}
         self.seed = 0
 
@@ -357,6 +359,20 @@ class Differential(RuleBasedStateMachine):
             opt.param_groups[gi]["momentum"] = value
         self.apply(op)
 
+    @rule(data=st.data(), interleaved=st.booleans())
+    def add_tied_params(self, data, interleaved):
+        """Two params that are views of one tensor of the user's (its halves, or its even and
+        odd columns), each side with its own such tensor, added as a new group."""
+        base = random_tensor((4, 6), F32, self.next_seed(), self.DEVICE)
+        first = len(self.ref_params)
+        for side in self.sides:
+            tensor = base.clone()
+            self.user_tensors[side].append(tensor)  # updates must write through to it
+            halves = (tensor[:, 0::2], tensor[:, 1::2]) if interleaved else (tensor[:2], tensor[2:])
+            self.sides[side] += [nn.Parameter(half) for half in halves]
+        lr = data.draw(st.sampled_from(LRS[self.ALGO]), label="lr")
+        self.apply(lambda opt, params: opt.add_param_group({"params": params[first:first + 2], "lr": lr}))
+
     @rule(data=st.data(), spec=st.sampled_from(PARAM_SPECS), use_orphan=st.booleans())
     def append_param(self, data, spec, use_orphan):
         """group["params"].append(p) with a new param or an orphan (never one already in a
@@ -426,7 +442,8 @@ class Differential(RuleBasedStateMachine):
         """copy.deepcopy of the params and the optimizer together; training goes on with
         the copies (the copy rebuilds fusedopt's cache from the public objects)."""
         for side in self.sides:
-            self.sides[side], self.opts[side] = copy.deepcopy((self.sides[side], self.opts[side]))
+            self.sides[side], self.opts[side], self.user_tensors[side] = copy.deepcopy(
+                (self.sides[side], self.opts[side], self.user_tensors[side]))
 
     # --- optimizer.state ----------------------------------------------------------------
     @rule()
@@ -535,6 +552,8 @@ class Differential(RuleBasedStateMachine):
             assert (fp.grad is None) == (rp.grad is None), f"param {i}: grad {fp.grad} vs torch's {rp.grad}"
             if rp.grad is not None:
                 assert torch.equal(fp.grad, rp.grad), f"param {i}: grad differs from torch's"
+        for i, (rt, ft) in enumerate(zip(self.user_tensors["ref"], self.user_tensors["fused"])):
+            torch.testing.assert_close(ft, rt, rtol=1e-5, atol=1e-6, msg=lambda m: f"user tensor {i}: {m}")
 
 
 # CI runs the same 60 programs per algorithm every time. FUSEDOPT_DIFFERENTIAL_EXAMPLES=N
