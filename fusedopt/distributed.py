@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from . import _C
 from .flat_buffer import SEGMENT_COLUMNS, FlatBuffer, is_dtensor
-from .optimizer import FusedOptimizer
+from .optimizer import FusedOptimizer, _synced, same_place, state_in_sync
 
 __all__ = ["ShardedOptimizer"]
 
@@ -74,6 +74,8 @@ class BufferSlice:
         self.state: dict[str, torch.Tensor] = {}
         self.state_dtypes: dict[str, torch.dtype] = {}
         self.state_complete_for: tuple[str, ...] | None = None
+        # Per row with state: (its keys, what was put into optimizer.state: optimizer's _synced).
+        self.records: dict[int, tuple] = {}
         self.owned: dict[int, Piece] = {}
         for i, (p, offset) in enumerate(zip(full.params, full.offsets)):
             start, stop = max(offset, lo), min(offset + p.numel(), hi)
@@ -114,6 +116,11 @@ class BufferSlice:
         for flat in self.state.values():
             flat.zero_()
         self.state_complete_for = None
+        self.records.clear()
+
+    def state_view(self, key: str, index: int) -> torch.Tensor:
+        """What ``optimizer.state[p][key]`` holds for row ``index`` on this rank."""
+        return self.step[index] if key == "step" else self.view_of(self.state_buffer(key), index)
 
 
 def backend_serving(group, device: torch.device) -> str:
@@ -173,8 +180,9 @@ class ShardedOptimizer(FusedOptimizer):
         super().__init__(params, **defaults)  # optimizer_class's constructor (next in the MRO)
 
     # --- packing ------------------------------------------------------------------
-    # The rank's state is its slices of the flat buffers, made and loaded here rather
-    # than re-synchronised from optimizer.state, which holds this rank's pieces.
+    # The rank's state is its slices of the flat buffers, made and loaded here, and
+    # optimizer.state holds its pieces: FusedOptimizer's whole-parameter check of the
+    # state is off, and _state_edits follows optimizer.state piece by piece instead.
     _tracks_public_state = False
 
     def _new_buffers(self, params: list[torch.Tensor]) -> list[FlatBuffer]:
@@ -202,11 +210,71 @@ class ShardedOptimizer(FusedOptimizer):
         for i in rows:
             entry = self.state[rank_slice.params[i]]
             for key in keys:
-                if key not in entry:
-                    entry[key] = rank_slice.step[i] if key == "step" else \
-                        rank_slice.view_of(rank_slice.state_buffer(key), i)
+                if entry.get(key) is None:  # absent, or set to None (SGD: a momentum buffer to start)
+                    entry[key] = rank_slice.state_view(key, i)
+            rank_slice.records[i] = (keys, _synced(entry, keys, [entry[key] for key in keys]))
         if len(rows) == len(rank_slice.owned):
             rank_slice.state_complete_for = keys
+
+    # --- optimizer.state ------------------------------------------------------------
+    # optimizer.state[p] holds this rank's pieces of p's state, views into its slices.
+    # Every step compares the entry of each row this rank holds with what it put there
+    # (BufferSlice.records) and follows an edit as torch.optim's step reads the entry: a
+    # cleared or deleted entry starts the parameter afresh, a replaced value (a tensor of
+    # the piece's or of the parameter's shape, or None) is taken over. Every row is
+    # validated before any is written.
+
+    def _state_edits(self, work) -> list[tuple]:
+        stepping: dict[int, set[int]] = {}  # per flat buffer, the rows with a grad this step
+        for c in work:
+            stepping.setdefault(id(c.part.buf), set()).update(c.buffer_rows())
+        edits = []
+        for group, plan in zip(self.param_groups, self._plans):
+            keys = self._group_state_keys(group)
+            if not keys:
+                continue
+            for part in plan.parts:
+                rank_slice = self._slice_of[part.buf]
+                with_grad = stepping.get(id(part.buf), ())
+                for p, i in zip(part.params, part.rows):
+                    if i not in rank_slice.owned:
+                        continue
+                    entry = self.state.get(p)
+                    record_keys, record = rank_slice.records.get(i, (None, None))
+                    if record is None and not entry:
+                        continue
+                    if record_keys == keys and state_in_sync(entry, record, keys):
+                        continue
+                    values = self._row_state(p, entry, keys, i in with_grad, piece=(rank_slice.owned[i].numel,))
+                    if values is None:
+                        continue
+                    for key, value in values.items():  # read before anything is written
+                        if torch.is_tensor(value) and not same_place(value, rank_slice.state_view(key, i)):
+                            values[key] = value.clone()
+                    edits.append((rank_slice, i, entry, values, keys))
+        return edits
+
+    def _adopt_pieces(self, rank_slice: BufferSlice, i: int, entry: dict | None, values: dict[str, Any],
+                      keys: tuple[str, ...]) -> None:
+        views = []
+        for key in keys:
+            view = rank_slice.state_view(key, i)
+            value = values.get(key)
+            if value is None:
+                view.zero_()
+            elif key == "step":
+                view.fill_(float(value))
+            elif not same_place(value, view):
+                view.copy_(value if value.shape == view.shape else rank_slice.piece_of(i, value))
+            views.append(view)
+        self._adopted(rank_slice, i, values)
+        if not values:  # afresh: torch.optim makes the entry at the next step with a grad
+            rank_slice.records.pop(i, None)
+            rank_slice.state_complete_for = None
+            return
+        for key, view in zip(keys, views):
+            entry[key] = view
+        rank_slice.records[i] = (keys, _synced(entry, keys, views))
 
     # --- step ---------------------------------------------------------------------
     @torch.no_grad()
@@ -220,11 +288,15 @@ class ShardedOptimizer(FusedOptimizer):
             with torch.enable_grad():
                 loss = closure()
         transform = self._grad_transform()
+        work = self._collect_work()
+        edits = self._state_edits(work)  # all validated before anything changes
         self._consolidated_state = None
         self._pending_grad_multiplier = None
         found_inf = transform.found_inf
         skipped = found_inf is not None and found_inf.device.type == "cpu" and bool(found_inf.item())
-        for c in self._collect_work():
+        for edit in edits:
+            self._adopt_pieces(*edit)
+        for c in work:
             buf = c.part.buf
             rank_slice = self._slice_of[buf]
             rows = c.buffer_rows()

@@ -442,11 +442,13 @@ class FusedOptimizer(Optimizer):
                            f"{tuple(g.shape)}; they must match")
 
     # --- state ------------------------------------------------------------------------
-    def _row_state(self, p: torch.Tensor, entry: dict | None, keys: tuple[str, ...], has_grad: bool):
+    def _row_state(self, p: torch.Tensor, entry: dict | None, keys: tuple[str, ...], has_grad: bool,
+                   piece: tuple[int, ...] | None = None):
         """The state values ``entry`` (optimizer.state[p]) gives for ``keys``, validated
         as torch.optim would use them: {} for fresh state (no entry, an empty one, or
         None values), None to leave the row alone this step. Raises what torch.optim's
-        step would (KeyError for a missing key), but before anything is written."""
+        step would (KeyError for a missing key), but before anything is written.
+        ``piece``: a shape a state tensor may also have (a rank's piece of it, sharded)."""
         if not entry:
             return {}
         # A missing master copy starts from the param (one made by torch.optim has none).
@@ -460,7 +462,7 @@ class FusedOptimizer(Optimizer):
             value = entry.get(key)
             if value is None:
                 continue
-            shape = _misfit_shape(p, key, value)
+            shape = _misfit_shape(p, key, value, piece)
             if shape is not None and key == "step":
                 raise RuntimeError(f"fusedopt: state['step'] must hold one number, got shape {shape}")
             if shape is not None:
@@ -846,13 +848,13 @@ def _is_exactly(value: torch.Tensor, view: torch.Tensor) -> bool:
     return same_place(value, view)
 
 
-def _misfit_shape(p: torch.Tensor, key: str, value: Any) -> tuple | str | None:
+def _misfit_shape(p: torch.Tensor, key: str, value: Any, piece: tuple | None = None) -> tuple | str | None:
     """None when ``value`` fits state key ``key`` of parameter ``p`` (a step: one number;
-    else a tensor of p's shape); otherwise its shape (or type name) for the error."""
+    else a tensor of p's shape, or of ``piece``); otherwise its shape (or type name)."""
     if key == "step":
         return tuple(value.shape) if torch.is_tensor(value) and value.numel() != 1 else None
     if torch.is_tensor(value):
-        return None if value.shape == p.shape else tuple(value.shape)
+        return None if value.shape == p.shape or tuple(value.shape) == piece else tuple(value.shape)
     return type(value).__name__
 
 

@@ -12,6 +12,7 @@ each); every rank reports each scenario's outcome to a file, and each test below
 one scenario on both ranks.
 """
 import copy
+from collections import defaultdict
 import json
 import os
 import socket
@@ -240,6 +241,56 @@ def sharded_all_gather_into_one_tensor(rank):
         sharded_matches_torch(rank, fusedopt.AdamW)
     finally:
         fusedopt.distributed.ALL_GATHER_BACKENDS = backends
+
+
+def sharded_follows_edits_of_its_state(rank, optimizer_class, key, **options):
+    """Edits through optimizer.state between training phases, on torch.optim under DDP and
+    on ShardedOptimizer, whose entries hold this rank's pieces: each is written so that it
+    means the same on both (every rank makes it), and both train on from the edited state:
+    cleared, one entry dropped, a new state object with the same entries, `key` set to
+    None, to zeros like it, to a tensor of the parameter's shape (the piece is taken)."""
+    def set_key(make):
+        def edit(opt, model):
+            for p, entry in list(opt.state.items()):
+                entry[key] = make(p, entry[key])
+        return edit
+
+    edits = [lambda opt, model: opt.state.clear(),
+             lambda opt, model: opt.state.pop(model.module.embed.weight, None),
+             lambda opt, model: setattr(opt, "state", defaultdict(dict, opt.state)),
+             set_key(lambda p, value: torch.zeros_like(value)),
+             set_key(lambda p, value: torch.full_like(p, 0.01))]
+    if optimizer_class is fusedopt.SGD:
+        edits.append(set_key(lambda p, value: None))
+    reference = ddp(make_model())
+    reference_optimizer = getattr(torch.optim, optimizer_class.__name__)(
+        reference.parameters(), lr=LR, foreach=False, **options)
+    model = ddp(make_model())
+    optimizer = ShardedOptimizer(model.parameters(), optimizer_class=optimizer_class, lr=LR, **options)
+    for phase, edit in enumerate([None, *edits]):
+        for m, o in ((reference, reference_optimizer), (model, optimizer)):
+            if edit is not None:
+                edit(o, m)
+            train(m, o, rank, 2, first_step=2 * phase)
+        assert_same_weights(model.module, reference.module)
+    if optimizer_class is fusedopt.Adam:  # an entry without a key: torch's KeyError, before any write
+        before = [p.detach().clone() for p in model.parameters()]
+        for entry in optimizer.state.values():
+            del entry["exp_avg"]
+        model(tokens(rank, 0)).square().mean().backward()
+        with pytest.raises(KeyError, match="exp_avg"):
+            optimizer.step()
+        assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+@scenario
+def sharded_adam_follows_edits_of_its_state(rank):
+    sharded_follows_edits_of_its_state(rank, fusedopt.Adam, "exp_avg", weight_decay=0.1)
+
+
+@scenario
+def sharded_sgd_follows_edits_of_its_state(rank):
+    sharded_follows_edits_of_its_state(rank, fusedopt.SGD, "momentum_buffer", momentum=0.9, dampening=0.1)
 
 
 def state_elements(optimizer_state, key="exp_avg"):
@@ -483,6 +534,11 @@ def test_sharded_step_with_zero_grad_zeroes_every_grad_not_just_the_slice(outcom
 
 def test_sharded_all_gather_into_one_tensor_trains_like_torch(outcomes):
     check(outcomes, "sharded_all_gather_into_one_tensor")
+
+
+@pytest.mark.parametrize("algo", ["adam", "sgd"])
+def test_sharded_optimizer_follows_edits_of_its_state_like_torch(outcomes, algo):
+    check(outcomes, f"sharded_{algo}_follows_edits_of_its_state")
 
 
 def test_sharded_state_is_an_even_slice_where_zero_holds_the_largest_tensor(outcomes):
