@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from . import _C
 from .flat_buffer import SEGMENT_COLUMNS, FlatBuffer, is_dtensor
-from .optimizer import FusedOptimizer, _synced, same_place, state_in_sync
+from .optimizer import MASTER_KEY, FusedOptimizer, _synced, same_place, state_in_sync
 
 __all__ = ["ShardedOptimizer"]
 
@@ -260,7 +260,9 @@ class ShardedOptimizer(FusedOptimizer):
         for key in keys:
             view = rank_slice.state_view(key, i)
             value = values.get(key)
-            if value is None:
+            if value is None and key == MASTER_KEY:  # starts from the param, as unsharded
+                view.copy_(rank_slice.piece_of(i, rank_slice.params[i].detach()))
+            elif value is None:
                 view.zero_()
             elif key == "step":
                 view.fill_(float(value))

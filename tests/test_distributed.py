@@ -380,8 +380,9 @@ def sharded_checkpoint_is_torchs_across_world_sizes(rank):
 @scenario
 def sharded_low_precision_trains_like_the_unsharded_optimizer(rank):
     """bf16 moments and float32 master weights live in each rank's slice: training equals
-    the same fusedopt optimizer unsharded, bit for bit, and the consolidated checkpoint
-    keeps their dtypes."""
+    the same fusedopt optimizer unsharded, bit for bit (also after opt.state.clear(): a
+    master copy starts again from its param), and the consolidated checkpoint keeps their
+    dtypes."""
     for dtype, options in ((torch.float32, {"state_dtype": torch.bfloat16}),
                            (torch.bfloat16, {"master_weights": True})):
         reference = ddp(make_model().to(dtype))
@@ -391,6 +392,8 @@ def sharded_low_precision_trains_like_the_unsharded_optimizer(rank):
                                      weight_decay=0.1, **options)
         for m, o in ((reference, reference_optimizer), (model, optimizer)):
             train(m, o, rank, 3)
+            o.state.clear()
+            train(m, o, rank, 2, first_step=3)
         for (name, p), q in zip(model.module.named_parameters(), reference.module.parameters()):
             assert torch.equal(p, q), f"{options}: {name} differs"
         optimizer.consolidate_state_dict(to=0)
