@@ -267,7 +267,7 @@ class Differential(RuleBasedStateMachine):
                 for g in grads:
                     g.mul_(scale)
                 if overflow:
-                    grads[0].view(-1)[0] = float("inf")
+                    grads[0][(0,) * grads[0].dim()] = float("inf")  # any layout, also 0-dim
             scaler.step(opt)
             scaler.update()
             opt.zero_grad(set_to_none=True)
