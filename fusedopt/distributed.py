@@ -281,7 +281,8 @@ class ShardedOptimizer(FusedOptimizer):
                     entry = self.state.get(p)
                     if synced[k] is None and not entry:
                         continue  # an empty entry (opt.state[p] read) of a row with no state yet
-                    values = self._row_state(p, entry, keys, has_grad(part.buf, i), piece=(rank_slice.owned[i].numel,))
+                    values = self._row_state(p, entry, keys, has_grad(part.buf, i),
+                                             piece=(rank_slice.owned[i].numel,))
                     if values is None:
                         continue
                     for key, value in values.items():  # read before anything is written

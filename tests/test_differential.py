@@ -468,7 +468,8 @@ class Differential(RuleBasedStateMachine):
             del opt.state[params[i]]
         self.apply(op)
 
-    @rule(data=st.data(), factor=st.sampled_from([0.5, 2.0, 0.0]), how=st.sampled_from(["replace", "in_place", "data"]))
+    @rule(data=st.data(), factor=st.sampled_from([0.5, 2.0, 0.0]),
+          how=st.sampled_from(["replace", "in_place", "data"]))
     def scale_state_tensor(self, data, factor, how):
         """state[p][key] = state[p][key].clone() * factor, .mul_(factor) in place, or the
         tensor's .data re-pointed to scaled new memory (the same tensor object)."""
