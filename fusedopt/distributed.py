@@ -374,7 +374,10 @@ class ShardedOptimizer(FusedOptimizer):
         destination = dist.get_global_rank(self.process_group, to)
         gathering = self.rank == to
         consolidated: dict[torch.Tensor, dict[str, Any]] = {}
-        for group, plan in zip(self.param_groups, self._current_plans()):
+        plans = self._current_plans()
+        for edit in self._state_edits([]):  # edits since the last step (opt.state.clear()) count
+            self._adopt_pieces(*edit)
+        for group, plan in zip(self.param_groups, plans):
             keys = self._group_state_keys(group)
             for buf in (part.buf for part in plan.parts):
                 # A parameter's step counter is exact on the ranks that hold a piece of
@@ -444,3 +447,6 @@ class ShardedOptimizer(FusedOptimizer):
                 else:
                     pieces[key] = value
             self.state[p] = pieces
+            # Read as an edit at the next step: SGD learns there whether a momentum
+            # buffer was given, and an entry dropped before then starts afresh.
+            rank_slice.set_record(i, (None, NOT_ADOPTED))

@@ -284,6 +284,38 @@ def sharded_follows_edits_of_its_state(rank, optimizer_class, key, **options):
 
 
 @scenario
+def sharded_sgd_resumes_and_self_loads_like_torch(rank):
+    """SGD's momentum buffers through a consolidated checkpoint: loaded into a fresh
+    ShardedOptimizer they go on as torch.optim's do, and a self-load followed by
+    opt.state.clear() starts them afresh (the loaded rows had no record of what was put
+    into optimizer.state, so the cleared entries went unnoticed and the buffers went on)."""
+    options = dict(lr=LR, momentum=0.9, dampening=0.1)
+    reference = ddp(make_model())
+    reference_optimizer = torch.optim.SGD(reference.parameters(), foreach=False, **options)
+    model = ddp(make_model())
+    optimizer = ShardedOptimizer(model.parameters(), optimizer_class=fusedopt.SGD, **options)
+    for m, o in ((reference, reference_optimizer), (model, optimizer)):
+        train(m, o, rank, 3)
+    optimizer.consolidate_state_dict(to=0)
+    transported = [optimizer.state_dict() if rank == 0 else None]
+    dist.broadcast_object_list(transported, src=0)
+    resumed = ShardedOptimizer(model.parameters(), optimizer_class=fusedopt.SGD, **options)
+    resumed.load_state_dict(transported[0])
+    for m, o in ((reference, reference_optimizer), (model, resumed)):
+        train(m, o, rank, 2, first_step=3)
+    assert_same_weights(model.module, reference.module)
+    resumed.consolidate_state_dict(to=0)
+    transported = [resumed.state_dict() if rank == 0 else None]
+    dist.broadcast_object_list(transported, src=0)
+    reference_optimizer.load_state_dict(reference_optimizer.state_dict())
+    resumed.load_state_dict(transported[0])
+    for m, o in ((reference, reference_optimizer), (model, resumed)):
+        o.state.clear()
+        train(m, o, rank, 2, first_step=5)
+    assert_same_weights(model.module, reference.module)
+
+
+@scenario
 def sharded_adam_follows_edits_of_its_state(rank):
     sharded_follows_edits_of_its_state(rank, fusedopt.Adam, "exp_avg", weight_decay=0.1)
 
@@ -537,6 +569,10 @@ def test_sharded_step_with_zero_grad_zeroes_every_grad_not_just_the_slice(outcom
 
 def test_sharded_all_gather_into_one_tensor_trains_like_torch(outcomes):
     check(outcomes, "sharded_all_gather_into_one_tensor")
+
+
+def test_sharded_sgd_resumes_from_its_checkpoint_and_self_loads_like_torch(outcomes):
+    check(outcomes, "sharded_sgd_resumes_and_self_loads_like_torch")
 
 
 @pytest.mark.parametrize("algo", ["adam", "sgd"])
