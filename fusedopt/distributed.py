@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from . import _C
 from .flat_buffer import SEGMENT_COLUMNS, FlatBuffer, is_dtensor
-from .optimizer import MASTER_KEY, NOT_ADOPTED, FusedOptimizer, _synced, same_place
+from .optimizer import NOT_ADOPTED, FusedOptimizer, _synced, same_place
 
 __all__ = ["ShardedOptimizer"]
 
@@ -293,20 +293,9 @@ class ShardedOptimizer(FusedOptimizer):
 
     def _adopt_pieces(self, rank_slice: BufferSlice, i: int, entry: dict | None, values: dict[str, Any],
                       keys: tuple[str, ...]) -> None:
-        views = []
-        for key in keys:
-            view = rank_slice.state_view(key, i)
-            value = values.get(key)
-            if value is None and key == MASTER_KEY:  # starts from the param, as unsharded
-                view.copy_(rank_slice.piece_of(i, rank_slice.params[i].detach()))
-            elif value is None:
-                view.zero_()
-            elif key == "step":
-                view.fill_(float(value))
-            elif not same_place(value, view):
-                view.copy_(value if value.shape == view.shape else rank_slice.piece_of(i, value))
-            views.append(view)
-        self._adopted(rank_slice, i, values)
+        views = self._write_row_state(
+            rank_slice, i, keys, values, rank_slice.params[i],
+            fit=lambda value, view: value if value.shape == view.shape else rank_slice.piece_of(i, value))
         if not values:  # afresh: torch.optim makes the entry at the next step with a grad
             rank_slice.set_record(i)
             rank_slice.state_complete_for = None

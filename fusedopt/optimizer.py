@@ -502,22 +502,7 @@ class FusedOptimizer(Optimizer):
             self._adopt_row(part, j, entry, values)
 
     def _adopt_row(self, part: Part, j: int, entry: dict | None, values: dict[str, Any]) -> None:
-        buf, row = part.buf, part.rows[j]
-        views = []
-        for key in part.keys:
-            view = buf.state_view(key, row)
-            value = values.get(key)
-            if value is None and key == MASTER_KEY:
-                view.copy_(part.params[j])
-            elif value is None:
-                view.zero_()
-            elif torch.is_tensor(value):
-                if not _is_exactly(value, view):
-                    view.copy_(value.to_local() if is_dtensor(value) and not is_dtensor(view) else value)
-            else:
-                view.fill_(value)
-            views.append(view)
-        self._adopted(buf, row, values)
+        views = self._write_row_state(part.buf, part.rows[j], part.keys, values, part.params[j])
         part.complete = False
         if not values:
             part.synced[j] = None  # fresh: torch.optim makes the state at the next step with a grad
@@ -525,6 +510,31 @@ class FusedOptimizer(Optimizer):
         for key, view in zip(part.keys, views):
             entry[key] = view
         part.synced[j] = _synced(entry, part.keys, views)
+
+    def _write_row_state(self, buf, row: int, keys: tuple[str, ...], values: dict[str, Any], param: torch.Tensor,
+                         fit=lambda value, view: value) -> list[torch.Tensor]:
+        """Writes the values _row_state gave into row ``row``'s state views in ``buf`` and
+        returns the views: no value starts afresh (zeros; the master copy from ``param``),
+        a tensor is copied unless it is the view itself, a step of any one-element shape
+        as torch.optim reads it. ``fit(value, view)``: a parameter-shaped tensor as the
+        view holds it (sharded: this rank's piece of it)."""
+        views = []
+        for key in keys:
+            view = buf.state_view(key, row)
+            value = values.get(key)
+            if value is None and key == MASTER_KEY:
+                view.copy_(fit(param.detach(), view))
+            elif value is None:
+                view.zero_()
+            elif not torch.is_tensor(value):
+                view.fill_(value)
+            elif key == "step":
+                view.copy_(value.reshape(view.shape))
+            elif not _is_exactly(value, view):
+                view.copy_(fit(value.to_local() if is_dtensor(value) and not is_dtensor(view) else value, view))
+            views.append(view)
+        self._adopted(buf, row, values)
+        return views
 
     def _adopted(self, buf: FlatBuffer, row: int, values: dict[str, Any]) -> None:
         """Subclass hook: a row's state was taken from the public objects."""

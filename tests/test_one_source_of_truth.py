@@ -182,6 +182,29 @@ def test_edits_through_opt_state_are_followed(algo, edit):
 
 
 @pytest.mark.parametrize("algo", ["Adam", "AdamW"])
+def test_step_of_any_one_element_shape_put_into_opt_state_is_read_as_torch_reads_it(algo):
+    """torch.optim takes state["step"] = torch.tensor([10.0]) (shape (1,)) as step 10.
+    fusedopt trains the same; its entry then holds fusedopt's own 0-dim step, as for any
+    tensor put into opt.state (README). Adopting it used to raise a shape error halfway
+    through writing the row."""
+    out = []
+    for lib in ("torch", "fusedopt"):
+        params = make_params(SHAPES)
+        opt = build(algo, lib, params)
+        trained(opt, params)
+        opt.state[params[0]]["step"] = torch.tensor([10.0])
+        trained(opt, params, first=3)
+        out.append((opt, params))
+    (ref, ref_params), (fused, fused_params) = out
+    for a, b in zip(ref_params, fused_params):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    assert float(fused.state[fused_params[0]]["step"]) == float(ref.state[ref_params[0]]["step"]) == 13.0
+    for key in ("exp_avg", "exp_avg_sq"):
+        torch.testing.assert_close(fused.state[fused_params[0]][key], ref.state[ref_params[0]][key],
+                                   rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("algo", ["Adam", "AdamW"])
 def test_state_entry_missing_a_key_raises_torchs_keyerror_before_any_write(algo):
     params = make_params(SHAPES)
     opt = build(algo, "fusedopt", [{"params": params[:2]}, {"params": params[2:]}])
