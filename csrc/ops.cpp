@@ -11,7 +11,8 @@ TORCH_LIBRARY(fusedopt, m) {
   // value (a float argument is a constant that dynamo guards on: one recompile per
   // value).
   //
-  // Adam and AdamW over one flat buffer. amsgrad iff max_exp_avg_sq is given;
+  // Adam and AdamW over the rows of segment_table.h (params, grads and state wherever
+  // segments say they are), in one call. amsgrad iff max_exp_avg_sq is given;
   // `step` holds one float32 counter per parameter (torch.optim's state["step"]).
   // On found_inf != 0 no param, state or step is written (with zero_grads the grads
   // are still zeroed). grad_scale divides and grad_multiplier (a clip coefficient)
@@ -25,16 +26,16 @@ TORCH_LIBRARY(fusedopt, m) {
   // as its rounding to nearest. rounding_seed (one int64, without master_param) makes
   // every bfloat16 store round stochastically with bits derived from it.
   m.def(
-      "adam_step_(Tensor(a!) param, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, "
+      "adam_step_(Tensor(a!)[] params, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, "
       "Tensor(d!)? max_exp_avg_sq, Tensor(e!) step, Tensor(f!)[] grads, Tensor segments, "
       "float lr, Tensor? scheduled, float beta1, float beta2, float weight_decay, float eps, "
       "bool decoupled_weight_decay, bool maximize, Tensor? grad_scale, Tensor? found_inf, "
       "Tensor? grad_multiplier, bool zero_grads, Tensor(g!)? master_param=None, "
       "Tensor? rounding_seed=None) -> ()");
-  // SGD over one flat buffer. Momentum iff momentum_buffer is given; `step` counts
+  // SGD over the rows of segment_table.h, in one call. Momentum iff momentum_buffer is given; `step` counts
   // each parameter's steps with momentum, so a first one (step == 0) starts the buffer.
   m.def(
-      "sgd_step_(Tensor(a!) param, Tensor(b!)? momentum_buffer, Tensor(c!) step, "
+      "sgd_step_(Tensor(a!)[] params, Tensor(b!)? momentum_buffer, Tensor(c!) step, "
       "Tensor(d!)[] grads, Tensor segments, float lr, Tensor? scheduled, float momentum, "
       "float dampening, float weight_decay, bool nesterov, bool maximize, "
       "Tensor? grad_scale, Tensor? found_inf, Tensor? grad_multiplier, bool zero_grads, "

@@ -33,6 +33,8 @@ bool same_place(const at::Tensor& a, const at::Tensor& b) {
 // `synced` is None (no state yet) or (entry, view, address, view, address, ...) in the
 // order of `keys`; optimizer.py's NOT_ADOPTED, a 1-tuple of its own, matches no entry.
 // Keys fusedopt does not manage are the user's and are not looked at.
+PyObject* local_of(PyObject* t);
+
 bool state_in_sync(PyObject* entry, PyObject* synced, PyObject* keys) {
   if (synced == Py_None) return entry == nullptr;
   if (entry != PyTuple_GET_ITEM(synced, 0) || !PyDict_Check(entry)) return false;
@@ -40,7 +42,10 @@ bool state_in_sync(PyObject* entry, PyObject* synced, PyObject* keys) {
   for (Py_ssize_t k = 0; k < num_keys; ++k) {
     PyObject* view = PyTuple_GET_ITEM(synced, 1 + 2 * k);
     if (PyDict_GetItemWithError(entry, PyTuple_GET_ITEM(keys, k)) != view) return false;
-    const auto address = reinterpret_cast<uintptr_t>(THPVariable_Unpack(view).const_data_ptr());
+    PyObject* local = local_of(view);  // a DTensor's: its shard's
+    if (local == nullptr) return false;
+    const auto address = reinterpret_cast<uintptr_t>(THPVariable_Unpack(local).const_data_ptr());
+    Py_DECREF(local);
     if (address != PyLong_AsSize_t(PyTuple_GET_ITEM(synced, 2 + 2 * k))) return false;
   }
   return true;
@@ -103,21 +108,58 @@ void prefetch_row(PyObject* params, PyObject* views, PyObject* synced, bool chec
     if (auto* grad = meta->grad_.unsafeGetTensorImpl()) prefetch(grad, 4);
 }
 
+// What the kernels update for a parameter or grad object: a DTensor's local shard (its
+// `_local_tensor`, as fusedopt/flat_buffer.py's local_of), else the tensor itself. New
+// reference; nullptr with an exception set on failure.
+PyObject* local_of(PyObject* t) {
+  if (!THPVariable_Unpack(t).unsafeGetTensorImpl()->is_python_dispatch()) return Py_NewRef(t);
+  PyObject* local = PyObject_GetAttrString(t, "_local_tensor");
+  if (local == nullptr && PyErr_ExceptionMatches(PyExc_AttributeError)) {
+    PyErr_Clear();  // another tensor subclass: its own memory
+    return Py_NewRef(t);
+  }
+  if (local != nullptr && !THPVariable_Check(local)) {
+    Py_DECREF(local);
+    PyErr_SetString(PyExc_TypeError, "sync_check: a DTensor's _local_tensor is not a tensor");
+    return nullptr;
+  }
+  return local;
+}
+
+// Whether a DTensor grad is placed as its parameter (FSDP2 gives both one spec object).
+// Plain tensors: true. -1 on error.
+int same_placements(PyObject* p, PyObject* grad) {
+  if (!THPVariable_Unpack(p).unsafeGetTensorImpl()->is_python_dispatch()) return 1;
+  PyObject* mine = PyObject_GetAttrString(p, "placements");
+  if (mine == nullptr) {
+    if (!PyErr_ExceptionMatches(PyExc_AttributeError)) return -1;
+    PyErr_Clear();
+    return 1;
+  }
+  PyObject* theirs = PyObject_GetAttrString(grad, "placements");
+  const int same = theirs == nullptr ? -1 : PyObject_RichCompareBool(mine, theirs, Py_EQ);
+  Py_DECREF(mine);
+  Py_XDECREF(theirs);
+  return same;
+}
+
 // sync_check(params, views, grad_slots, state, keys, synced)
 //     -> (stale, dirty, rows, grads, flat, bad)
 //
 // One pass over the rows of a flat buffer that one param group updates:
 //   params      the parameters, in row order
 //   views       per row, a tensor placed where fusedopt expects the parameter
-//               (its slot in the flat buffer, or the parameter's own memory)
+//               (its slot in the flat buffer, or the parameter's own memory; for a
+//               DTensor, its local shard, which is what this compares)
 //   grad_slots  per row, the address of its slot in the flat grad buffer, or None
 //   state       optimizer.state;  keys: the state keys fusedopt manages for the group
 //   synced      per row, what fusedopt last put into state[p] (see state_in_sync)
 // Returns: stale, the first row whose parameter is no longer where the view is (-1:
 // none; the rest is then None); dirty, the rows whose state entry changed; rows, the
-// rows that have a grad (None: all); grads, those grads; flat, whether every one of
-// them lies at its grad slot with its parameter's strides; bad, the first row whose
-// grad is sparse or differs from its parameter in dtype, device or shape (-1: none).
+// rows that have a grad (None: all); grads, those grads (a DTensor's: its local shard);
+// flat, whether every one of them lies at its grad slot with its parameter's strides;
+// bad, the first row whose grad is sparse or differs from its parameter in dtype,
+// device, shape or placements (-1: none).
 PyObject* sync_check(PyObject* /*module*/, PyObject* args) {
   PyObject *params, *views, *grad_slots, *state, *keys, *synced;
   if (!PyArg_ParseTuple(args, "O!O!OO!O!O!", &PyList_Type, &params, &PyList_Type, &views, &grad_slots,
@@ -173,7 +215,11 @@ PyObject* sync_check(PyObject* /*module*/, PyObject* args) {
       return nullptr;
     }
     const at::Tensor& tensor = THPVariable_Unpack(p);
-    if (!same_place(tensor, THPVariable_Unpack(view))) {
+    PyObject* local = local_of(p);
+    if (local == nullptr) return fail();
+    const bool in_place = same_place(THPVariable_Unpack(local), THPVariable_Unpack(view));
+    Py_DECREF(local);
+    if (!in_place) {
       release();
       return Py_BuildValue("(nOOOOn)", i, Py_None, Py_None, Py_None, Py_False, Py_ssize_t(-1));
     }
@@ -196,13 +242,19 @@ PyObject* sync_check(PyObject* /*module*/, PyObject* args) {
     if (bad < 0 && (grad.layout() != at::kStrided || grad.scalar_type() != tensor.scalar_type() ||
                     grad.device() != tensor.device() || grad.sizes() != tensor.sizes()))
       bad = i;
-    if (flat) {
-      const auto slot = PyLong_AsSize_t(PyList_GET_ITEM(grad_slots, i));
-      flat = grad.layout() == at::kStrided &&
-             reinterpret_cast<uintptr_t>(grad.const_data_ptr()) == slot && grad.strides() == tensor.strides();
-    }
-    PyObject* grad_object = THPVariable_Wrap(grad);  // the grad's own Python object
+    PyObject* wrapped = THPVariable_Wrap(grad);  // the grad's own Python object
+    if (wrapped == nullptr) return fail();
+    const int placed = bad < 0 ? same_placements(p, wrapped) : 1;
+    PyObject* grad_object = placed < 0 ? nullptr : local_of(wrapped);
+    Py_DECREF(wrapped);
     if (grad_object == nullptr) return fail();
+    if (placed == 0) bad = i;
+    if (flat) {
+      const at::Tensor& read = THPVariable_Unpack(grad_object);
+      const auto slot = PyLong_AsSize_t(PyList_GET_ITEM(grad_slots, i));
+      flat = read.layout() == at::kStrided &&
+             reinterpret_cast<uintptr_t>(read.const_data_ptr()) == slot && read.strides() == tensor.strides();
+    }
     PyList_SET_ITEM(grads, num_grads++, grad_object);
     if (rows != nullptr && !append_index(rows, i)) return fail();
   }

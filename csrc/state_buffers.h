@@ -15,32 +15,35 @@
 
 namespace fusedopt {
 
-// The dtype of the state buffers, checked against the param's: the param's own, or
-// float32/bfloat16/float16 for a param computed in float (float32, bfloat16, float16).
-inline at::ScalarType check_state_dtype(const at::Tensor& state, const at::Tensor& param) {
+// The dtype of the state buffers, checked against the params': the params' own, or
+// float32/bfloat16/float16 for params computed in float (float32, bfloat16, float16).
+inline at::ScalarType check_state_dtype(const at::Tensor& state, at::ScalarType param_dtype) {
   const auto dtype = state.scalar_type();
-  const bool float_opmath = param.scalar_type() != at::kDouble;
-  TORCH_CHECK(dtype == param.scalar_type() ||
+  const bool float_opmath = param_dtype != at::kDouble;
+  TORCH_CHECK(dtype == param_dtype ||
                   (float_opmath && (dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf)),
-              "fusedopt: state of dtype ", dtype, " is not supported for ", param.scalar_type(),
+              "fusedopt: state of dtype ", dtype, " is not supported for ", param_dtype,
               " params (float32, bfloat16 or float16 state needs float32, bfloat16 or float16 params)");
   return dtype;
 }
 
-// A state buffer: laid out like param, of `dtype`.
-inline void check_flat(const at::Tensor& flat, const at::Tensor& param, at::ScalarType dtype, const char* name) {
-  TORCH_CHECK(flat.device() == param.device() && flat.scalar_type() == dtype &&
-                  flat.numel() == param.numel() && flat.is_contiguous(),
-              "fusedopt: ", name, " must be a contiguous buffer like param (", param.numel(),
-              " elements of ", dtype, " on ", param.device(), ")");
+// A state buffer (segment_table.h): contiguous, of `dtype`, on the params' device, and
+// holding every row, which ends at or before `extent`.
+inline void check_flat(const at::Tensor& flat, const at::Device& device, at::ScalarType dtype, int64_t extent,
+                       const char* name) {
+  TORCH_CHECK(flat.device() == device && flat.scalar_type() == dtype && flat.numel() >= extent &&
+                  flat.is_contiguous(),
+              "fusedopt: ", name, " must be a contiguous buffer of ", dtype, " on ", device,
+              " holding every row (", extent, " elements)");
 }
 
 // The float32 master copy of bfloat16 or float16 params, if given.
-inline float* check_master(const std::optional<at::Tensor>& master_param, const at::Tensor& param) {
+inline float* check_master(const std::optional<at::Tensor>& master_param, at::ScalarType param_dtype,
+                           const at::Device& device, int64_t extent) {
   if (!master_param.has_value()) return nullptr;
-  TORCH_CHECK(param.scalar_type() == at::kBFloat16 || param.scalar_type() == at::kHalf,
-              "fusedopt: master_param is for bfloat16 or float16 params, got ", param.scalar_type());
-  check_flat(*master_param, param, at::kFloat, "master_param");
+  TORCH_CHECK(param_dtype == at::kBFloat16 || param_dtype == at::kHalf,
+              "fusedopt: master_param is for bfloat16 or float16 params, got ", param_dtype);
+  check_flat(*master_param, device, at::kFloat, extent, "master_param");
   return master_param->data_ptr<float>();
 }
 

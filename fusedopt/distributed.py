@@ -60,14 +60,17 @@ class BufferSlice:
     (exact for every parameter this rank holds a piece of). ``view_of`` gives a
     parameter's piece of a slice-sized buffer: 1-D, in the parameter's memory order."""
 
-    state_buffer = FlatBuffer.state_buffer  # zero-initialised on first use, sized like data
+    state_buffer = FlatBuffer.state_buffer  # zero-initialised on first use, slice-sized
     set_state_dtypes = FlatBuffer.set_state_dtypes
     segments = FlatBuffer.segments          # cached per set of rows
+    kernel_params = FlatBuffer.kernel_params
+    _call = FlatBuffer._call
 
     def __init__(self, full: FlatBuffer, lo: int, hi: int):
         self.full = full
         self.lo, self.hi = lo, hi
         self.data = full.data[lo:hi]
+        self.numel = hi - lo
         self.device = full.device
         self.dtype = full.dtype
         self.params = full.params
@@ -87,7 +90,10 @@ class BufferSlice:
             owns_empty = p.numel() == 0 and (lo <= offset < hi or offset >= hi == full.numel)
             if start < stop or owns_empty:
                 self.owned[i] = Piece(start - lo, start - offset, max(stop - start, 0))
-        self._segments_cache: dict[tuple[int, ...], torch.Tensor] = {}
+        self._calls: dict[tuple[int, ...], tuple[torch.Tensor, list[torch.Tensor]]] = {}
+
+    def _make_params(self, rows) -> list[torch.Tensor]:
+        return [self.data]
 
     def _make_segments(self, rows) -> torch.Tensor:
         table = [[self.owned[i].slice_offset, self.owned[i].numel, i] for i in rows]
@@ -330,8 +336,8 @@ class ShardedOptimizer(FusedOptimizer):
             rows = c.buffer_rows()
             owned, owned_grads = rank_slice.take(rows, buf.kernel_grads(rows, c.grads, c.flat))
             if owned:
-                self._update_buffer(c.group, rank_slice, rank_slice.segments(owned), owned_grads,
-                                    transform.on(buf.device))
+                self._update_buffer(c.group, rank_slice, rank_slice.kernel_params(owned),
+                                    rank_slice.segments(owned), owned_grads, transform.on(buf.device))
                 if not skipped:
                     self._ensure_slice_state(rank_slice, owned, self._group_state_keys(c.group))
             if not skipped:

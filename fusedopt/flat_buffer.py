@@ -1,20 +1,26 @@
 """Flat buffers: fusedopt's private cache of the parameters and state of a param group.
 
-A buffer holds rows, one per parameter, on one (device, dtype). Its ``data`` is what the
-kernels update; optimizer state lives in flat buffers of the same layout (``state``),
-and per-row float32 step counters in ``step``. ``views[i]`` is where row i's parameter
-is expected to be: the per-step check (``_C.sync_check``) compares every parameter with
-it, and anything that no longer matches is re-synchronised from the public objects.
+A buffer holds rows, one per parameter, on one (device, dtype): the layout of its state
+(flat buffers by torch.optim's key, ``state``), per-row float32 step counters
+(``step``), and where each row's parameter lives. Where a row lives is data, not a kind
+of buffer: the kernels take every row of a call in one op, each addressed where its
+memory is (csrc/segment_table.h). A row's place is one of
 
-Two kinds of buffer, one layout contract:
-* ``FlatBuffer``: parameters *moved* into one contiguous tensor. Each parameter becomes a
-  view of it with its old shape and strides (the same ``Parameter`` object). Only a
-  parameter whose memory nothing else sees is moved (``may_move``).
-* ``PinnedBuffer``: one parameter that must stay where it is (shared memory, a view of
-  a user's tensor, storage tied to another parameter or optimizer). Its ``data`` is
-  the parameter's own memory, so the kernels update it in place; a parameter whose
-  memory is not dense (every other column of a matrix) is copied into a private row
-  before the kernel and back after it. ``InPlaceBuffer`` is the DTensor (FSDP2) case.
+* ``MOVED``: a parameter nothing else sees (``may_move``) is moved into ``data``, one
+  contiguous tensor that keeps such rows adjacent and aligned; it becomes a view of it
+  with its old shape *and strides* (the same ``Parameter`` object). A call whose rows
+  all lie in ``data`` passes it whole, and the kernels walk it as one range.
+* ``PINNED``: a parameter that must stay where it is (shared memory, a view of a user's
+  tensor, storage tied to another parameter or optimizer) is updated in its own memory.
+* ``SHARD``: a DTensor parameter (FSDP2's ``fully_shard``), whose local shard its
+  engine owns and gathers from, is updated in that shard. Its state is exposed as
+  DTensors with the parameter's mesh and placements, as torch.optim's is under FSDP2.
+* ``COPIED``: a pinned parameter whose memory is not dense (every other column of a
+  matrix) has a private row in ``data``, copied in before the kernel and back after it.
+
+``views[i]`` is where row i's parameter is expected to be (a DTensor: its local shard):
+the per-step check (``_C.sync_check``) compares every parameter with it, and anything
+that no longer matches is re-synchronised from the public objects.
 """
 from __future__ import annotations
 
@@ -26,9 +32,12 @@ from . import _C
 
 # Rows of the segment table: (flat_offset, numel, param_index); csrc/segment_table.h.
 SEGMENT_COLUMNS = 3
-# Every parameter starts on a 64-byte boundary, so CUDA kernels can use 128-bit loads
-# and CPU SIMD loads stay within cache lines.
+# Every row starts on a 64-byte boundary of the state buffers, so CUDA kernels can use
+# 128-bit loads and CPU SIMD loads stay within cache lines.
 ALIGN_BYTES = 64
+
+MOVED, PINNED, SHARD, COPIED = "moved", "pinned", "shard", "copied"
+IN_DATA = (MOVED, COPIED)  # places whose kernel row lies in ``data``
 
 
 def memory_order(t: torch.Tensor) -> list[int] | None:
@@ -58,11 +67,19 @@ def is_dtensor(p: torch.Tensor) -> bool:
     return dtensor_module is not None and isinstance(p, dtensor_module.DTensor)
 
 
+def local_of(p: torch.Tensor) -> torch.Tensor:
+    """What the kernels update for ``p``: a DTensor's local shard (the shard itself, as
+    _C.sync_check reads it, not a view of it), else ``p``."""
+    return p._local_tensor if is_dtensor(p) else p
+
+
 def may_move(t: torch.Tensor, own_memory: list[tuple[int, int]] = ()) -> bool:
     """Whether moving ``t`` into fusedopt's memory changes nothing a program can see:
     it lies in one of fusedopt's own buffers (``own_memory``: their address ranges), or
     nothing else sees its memory (no other tensor shares it; not shared memory, as after
     ``share_memory()`` in the Hogwild recipe, nor numpy's or a file mapping's)."""
+    if is_dtensor(t):
+        return False
     if t.device.type == "meta":
         return True
     address = t.data_ptr()
@@ -81,39 +98,78 @@ def _row_major_strides(shape) -> tuple[int, ...]:
     return torch.empty(shape, device="meta").stride()
 
 
-class FlatBuffer:
-    """Parameters moved into one contiguous tensor (see the module doc)."""
+def _place(p: torch.Tensor, movable: bool) -> str:
+    if is_dtensor(p):
+        return SHARD
+    if movable:
+        return MOVED
+    return PINNED if is_dense(p) else COPIED
 
-    def __init__(self, params: list[torch.Tensor], slices: int = 1):
-        """``slices``: the buffer's length is padded so it splits into that many equal,
+
+class FlatBuffer:
+    """The rows of parameters of one (device, dtype), wherever they live (module doc)."""
+
+    def __init__(self, params: list[torch.Tensor], slices: int = 1, movable: list[bool] | None = None):
+        """``movable``: per parameter, whether it may move into ``data`` (default: all).
+        ``slices``: the layout's length is padded so it splits into that many equal,
         aligned slices (fusedopt.distributed gives each rank one)."""
-        self.params = list(params)
-        self.device = params[0].device
-        self.dtype = params[0].dtype
-        align = max(1, ALIGN_BYTES // params[0].element_size())
+        movable = [True] * len(params) if movable is None else movable
+        places = [_place(p, m) for p, m in zip(params, movable)]
+        # Rows with a slot in ``data`` first: ``data`` ends where the last of them does.
+        order = sorted(range(len(params)), key=lambda i: places[i] not in IN_DATA)
+        self.params = [params[i] for i in order]
+        self.places = [places[i] for i in order]
+        local = [local_of(p) for p in self.params]
+        self.device = local[0].device
+        self.dtype = local[0].dtype
+        align = max(1, ALIGN_BYTES // local[0].element_size())
         self.offsets: list[int] = []
         self.strides: list[tuple[int, ...]] = []
         # Per row: the permutation that turns a grad with the parameter's strides into
         # a contiguous tensor (None: the slot is row-major).
         self.grad_perms: list[list[int] | None] = []
-        total = 0
-        for p in params:
+        total = data_numel = 0
+        for p, shard, place in zip(self.params, local, self.places):
             total = _round_up(total, align)
             self.offsets.append(total)
-            total += p.numel()
-            if is_dense(p):  # keeps its strides (channels_last, transposed)
+            total += shard.numel()
+            if place == SHARD:
+                if not shard.is_contiguous():
+                    raise ValueError("fusedopt: a DTensor parameter's local shard must be contiguous")
+                self.strides.append(shard.stride())
+                self.grad_perms.append(None)
+            elif place != COPIED and is_dense(p):  # keeps its strides (channels_last, transposed)
                 self.strides.append(p.stride())
                 self.grad_perms.append(memory_order(p))
-            else:  # gappy or overlapping: stored row-major
+            else:  # gappy or overlapping: its row is row-major
                 self.strides.append(_row_major_strides(p.shape))
                 self.grad_perms.append(None)
+            if place in IN_DATA:
+                data_numel = total
         self.numel = _round_up(total, align * slices)
-        self.data = torch.zeros(self.numel, dtype=self.dtype, device=self.device)
-        self.views = [self.view_of(self.data, i) for i in range(len(params))]
+        self.copied = [i for i, place in enumerate(self.places) if place == COPIED]
+        self.has_shards = SHARD in self.places
+        all_in_data = all(place in IN_DATA for place in self.places)
+        self.data = torch.zeros(self.numel if all_in_data else _round_up(data_numel, align), dtype=self.dtype,
+                                device=self.device)
+        # Per row: where the parameter is expected (views) and the contiguous 1-D tensor
+        # the kernels update (homes).
+        self.views: list[torch.Tensor] = []
+        self.homes: list[torch.Tensor] = []
         with torch.no_grad():
-            for p, view in zip(params, self.views):
-                view.copy_(p)
-                p.data = view
+            for i, (p, shard, place) in enumerate(zip(self.params, local, self.places)):
+                offset, numel = self.offsets[i], shard.numel()
+                if place == MOVED:
+                    view = self.view_of(self.data, i)
+                    view.copy_(p)
+                    p.data = view
+                    self.views.append(view)
+                else:
+                    self.views.append(shard.detach())
+                if place in IN_DATA:
+                    self.homes.append(self.data[offset:offset + numel])
+                else:  # dense: its memory from its lowest address
+                    self.homes.append(shard.detach().as_strided((numel,), (1,), shard.storage_offset()))
         self._init_rows()
 
     def _init_rows(self) -> None:
@@ -125,29 +181,50 @@ class FlatBuffer:
         # the row's momentum buffer has been started).
         self.step = torch.zeros(len(self.params), dtype=torch.float32, device=self.device)
         self.grad_buffer: torch.Tensor | None = None
-        self._segments_cache: dict[tuple[int, ...], torch.Tensor] = {}
+        self._calls: dict[tuple[int, ...], tuple[torch.Tensor, list[torch.Tensor]]] = {}
 
     # --- layout -----------------------------------------------------------------
     def view_of(self, flat: torch.Tensor, index: int) -> torch.Tensor:
-        """Row ``index`` of ``flat`` (a buffer laid out like ``data``), shaped and
-        strided like the slot of its parameter."""
+        """Row ``index`` of ``flat`` (a buffer laid out like the state), shaped and
+        strided like the slot of its parameter (a DTensor's: a DTensor of that shard)."""
         p = self.params[index]
-        return flat.as_strided(p.shape, self.strides[index], flat.storage_offset() + self.offsets[index])
+        if self.places[index] != SHARD:
+            return flat.as_strided(p.shape, self.strides[index], flat.storage_offset() + self.offsets[index])
+        from torch.distributed.tensor import DTensor
+
+        local = flat.as_strided(p._local_tensor.shape, self.strides[index],
+                                flat.storage_offset() + self.offsets[index])
+        return DTensor.from_local(local, p.device_mesh, p.placements, shape=p.shape, stride=p.stride(),
+                                  run_check=False)
 
     def segments(self, rows: list[int]) -> torch.Tensor:
-        """The segment table for these rows, cached per set of rows so a device table
+        """The segment table for these rows (csrc/segment_table.h)."""
+        return self._call(rows)[0]
+
+    def kernel_params(self, rows: list[int]) -> list[torch.Tensor]:
+        """The params list the kernels take for these rows (csrc/segment_table.h): ``data``
+        when every row lies in it, else each row's own memory."""
+        return self._call(rows)[1]
+
+    def _call(self, rows: list[int]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(segments, kernel params) for a set of rows, cached per set so a device table
         is uploaded only when the set changes."""
         key = tuple(rows)
-        table = self._segments_cache.get(key)
-        if table is None:
-            if len(self._segments_cache) > 64:
-                self._segments_cache.clear()
-            table = self._segments_cache[key] = self._make_segments(rows)
-        return table
+        call = self._calls.get(key)
+        if call is None:
+            if len(self._calls) > 64:
+                self._calls.clear()
+            call = self._calls[key] = (self._make_segments(rows), self._make_params(rows))
+        return call
 
     def _make_segments(self, rows) -> torch.Tensor:
-        table = [[self.offsets[i], self.params[i].numel(), i] for i in rows]
+        table = [[self.offsets[i], self.homes[i].numel(), i] for i in rows]
         return torch.tensor(table, dtype=torch.int64).reshape(-1, SEGMENT_COLUMNS).to(self.device)
+
+    def _make_params(self, rows) -> list[torch.Tensor]:
+        if all(self.places[i] in IN_DATA for i in rows):
+            return [self.data]
+        return [self.homes[i] for i in rows]
 
     def memory(self) -> list[tuple[int, int]]:
         """Address ranges of the buffers this object owns (param data, state, grads)."""
@@ -160,7 +237,7 @@ class FlatBuffer:
         flat = self.state.get(key)
         dtype = self.state_dtypes.get(key, self.dtype)
         if flat is None:
-            flat = self.state[key] = torch.zeros_like(self.data, dtype=dtype)
+            flat = self.state[key] = torch.zeros(self.numel, dtype=dtype, device=self.device)
         elif flat.dtype != dtype:
             flat = self.state[key] = flat.to(dtype)
         return flat
@@ -185,14 +262,16 @@ class FlatBuffer:
 
     # --- grads ------------------------------------------------------------------
     def grad_slots(self, rows: list[int]) -> list[int] | None:
-        """Per row, the address of its slot in the flat grad buffer (None: no buffer)."""
+        """Per row, the address of its slot in the flat grad buffer (None: no buffer; 0:
+        none, as for a DTensor, whose engine owns its grad)."""
         if self.grad_buffer is None:
             return None
-        return [self.view_of(self.grad_buffer, i).data_ptr() for i in rows]
+        return [0 if self.places[i] == SHARD else self.view_of(self.grad_buffer, i).data_ptr() for i in rows]
 
     def kernel_grads(self, rows: list[int], grads: list[torch.Tensor], flat: bool) -> list[torch.Tensor]:
         """What the kernels read for these rows' grads (segment_table.h): the flat grad
-        buffer, or each grad with its dims in its slot's memory order."""
+        buffer, or each grad (a DTensor's: its local shard, as _C.sync_check gives it)
+        with its dims in its slot's memory order."""
         if flat:
             return [self.grad_buffer]
         perms = self.grad_perms
@@ -205,7 +284,8 @@ class FlatBuffer:
         does. A grad nothing else sees is moved into the flat grad buffer first (the same
         tensor object, re-pointed with ``set_``), so that later steps read these rows as
         one range; any other grad (a DDP bucket view, a tensor shared with another
-        parameter or held by the user) is zeroed where it is. Returns the grads zeroed."""
+        parameter or held by the user, a DTensor's, which its engine owns) is zeroed where
+        it is. Returns the grads zeroed."""
         if self.grad_buffer is None:
             self.grad_buffer = torch.zeros(self.numel, dtype=self.dtype, device=self.device)
         zeroed = []
@@ -213,6 +293,10 @@ class FlatBuffer:
             p = self.params[i]
             g = p.grad
             if g is None:
+                continue
+            if self.places[i] == SHARD:
+                g._local_tensor.zero_()
+                zeroed.append(g)
                 continue
             if g.grad_fn is not None:
                 g.detach_()
@@ -235,102 +319,11 @@ class FlatBuffer:
 
     # --- around the kernel --------------------------------------------------------
     def before_kernel(self) -> None:
-        """Brings ``data`` up to date with the parameters (only a copied row needs it)."""
+        """Brings the private rows of copied parameters up to date with them."""
+        for i in self.copied:
+            self.view_of(self.data, i).copy_(self.params[i])
 
     def after_kernel(self) -> None:
-        """Writes ``data`` back to the parameters (only a copied row needs it)."""
-
-
-class PinnedBuffer(FlatBuffer):
-    """One parameter updated where it lives (see the module doc)."""
-
-    def __init__(self, param: torch.Tensor):
-        self.params = [param]
-        self.device = param.device
-        self.dtype = param.dtype
-        self.offsets = [0]
-        self.numel = param.numel()
-        self.copied = not is_dense(param)
-        if self.copied:  # a private row-major row, synchronised around each kernel
-            self.strides = [_row_major_strides(param.shape)]
-            self.grad_perms = [None]
-            self.data = torch.empty(self.numel, dtype=self.dtype, device=self.device)
-        else:  # the parameter's own memory, as a flat 1-D view
-            self.strides = [param.stride()]
-            self.grad_perms = [memory_order(param)]
-            self.data = param.detach().as_strided((self.numel,), (1,), param.storage_offset())
-        self.views = [param.detach()]  # where the parameter is: its own memory
-        self._init_rows()
-
-    def memory(self) -> list[tuple[int, int]]:  # the parameter's own memory is not fusedopt's
-        owned = (self.grad_buffer, *self.state.values(), self.data if self.copied else None)
-        return [_span(t) for t in owned if t is not None]
-
-    def before_kernel(self) -> None:
-        if self.copied:
-            self.view_of(self.data, 0).copy_(self.params[0])
-
-    def after_kernel(self) -> None:
-        if self.copied:
-            self.params[0].copy_(self.view_of(self.data, 0))
-
-
-class InPlaceBuffer(PinnedBuffer):
-    """A DTensor parameter (FSDP2's ``fully_shard``), whose local shard its engine owns
-    and gathers from: the kernels update that shard in place. State is flat over the
-    shard and exposed as DTensors with the parameter's mesh and placements, as
-    torch.optim's state is under FSDP2."""
-
-    def __init__(self, param: torch.Tensor):
-        with torch.no_grad():  # to_local() outside autograd: the shard itself, not a view of it
-            local = param.to_local()
-        if not local.is_contiguous():
-            raise ValueError("fusedopt: a DTensor parameter's local shard must be contiguous")
-        self.params = [param]
-        self.device = local.device
-        self.dtype = local.dtype
-        self.local_shape = local.shape
-        self.offsets = [0]
-        self.strides = [local.stride()]
-        self.grad_perms = [None]
-        self.numel = local.numel()
-        self.copied = False
-        self.data = local.view(-1)
-        self.views = [local]
-        self._init_rows()
-
-    def view_of(self, flat: torch.Tensor, index: int) -> torch.Tensor:
-        from torch.distributed.tensor import DTensor
-
-        p = self.params[index]
-        local = flat.as_strided(self.local_shape, self.strides[0], flat.storage_offset())
-        return DTensor.from_local(local, p.device_mesh, p.placements, shape=p.shape, stride=p.stride(),
-                                  run_check=False)
-
-    def _make_segments(self, rows) -> torch.Tensor:  # the local shard, not the global shape
-        return torch.tensor([[0, self.numel, 0]] if rows else [], dtype=torch.int64).reshape(
-            -1, SEGMENT_COLUMNS).to(self.device)
-
-    def grad_slots(self, rows):
-        return None  # the engine owns the grads
-
-    def local_grad(self) -> torch.Tensor | None:
-        """The grad's local shard; raises for a grad whose placements differ."""
-        (p,) = self.params
-        if p.grad is None:
-            return None
-        if p.grad.placements != p.placements:
-            raise ValueError(f"fusedopt: a DTensor grad placed {p.grad.placements} does not match its "
-                             f"parameter's placements {p.placements}")
-        return p.grad.to_local()
-
-    def kernel_grads(self, rows, grads, flat):
-        return [self.local_grad()]
-
-    def zero_grads(self, rows):
-        """The engine accumulates into the grad it made: its local shard is zeroed where it is."""
-        grad = self.local_grad()
-        if grad is None:
-            return []
-        grad.zero_()
-        return [self.params[0].grad]
+        """Writes the private rows of copied parameters back to them."""
+        for i in self.copied:
+            self.params[i].copy_(self.view_of(self.data, i))

@@ -62,14 +62,14 @@ grad_norm = torch.ops.fusedopt.grad_norm
 
 # Fake kernels: shapes only, so torch.compile and torch.library.opcheck can trace the ops.
 @torch.library.register_fake("fusedopt::adam_step_")
-def _adam_step_fake(param, exp_avg, exp_avg_sq, max_exp_avg_sq, step, grads, segments, lr, scheduled,
+def _adam_step_fake(params, exp_avg, exp_avg_sq, max_exp_avg_sq, step, grads, segments, lr, scheduled,
                     beta1, beta2, weight_decay, eps, decoupled_weight_decay, maximize, grad_scale,
                     found_inf, grad_multiplier, zero_grads, master_param=None, rounding_seed=None):
     return None
 
 
 @torch.library.register_fake("fusedopt::sgd_step_")
-def _sgd_step_fake(param, momentum_buffer, step, grads, segments, lr, scheduled, momentum, dampening,
+def _sgd_step_fake(params, momentum_buffer, step, grads, segments, lr, scheduled, momentum, dampening,
                    weight_decay, nesterov, maximize, grad_scale, found_inf, grad_multiplier, zero_grads,
                    master_param=None, rounding_seed=None):
     return None

@@ -18,7 +18,7 @@ from . import ops
 from torch.nn.parameter import is_lazy
 
 from . import _C
-from .flat_buffer import FlatBuffer, InPlaceBuffer, PinnedBuffer, is_dtensor, may_move
+from .flat_buffer import FlatBuffer, is_dtensor, local_of, may_move
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 SUPPORTED_DEVICE_TYPES = ("cpu", "cuda", "meta")  # meta: shapes only, as torch.optim
@@ -252,24 +252,17 @@ class FusedOptimizer(Optimizer):
         if slot is None:
             return False
         buf, row = slot
-        if isinstance(buf, InPlaceBuffer):
-            return p.to_local().data_ptr() == buf.data.data_ptr()
-        return same_place(p, buf.views[row])
+        return same_place(local_of(p), buf.views[row])
 
     def _new_buffers(self, params: list[torch.Tensor]) -> list[FlatBuffer]:
-        """Slots for parameters that have none: moved into one flat buffer per (device,
-        dtype) where nothing else sees their memory, else updated where they are."""
+        """Slots for parameters that have none: one buffer per (device, dtype), whose
+        rows are moved into its memory where nothing else sees theirs, else updated
+        where they are (flat_buffer.py), all in one kernel call."""
         own = self._own_memory()
-        buffers, movable = [], {}
+        by_key: dict[tuple, list[torch.Tensor]] = {}
         for p in params:
-            if is_dtensor(p):
-                buffers.append(InPlaceBuffer(p))
-            elif may_move(p, own):
-                movable.setdefault((p.device, p.dtype), []).append(p)
-            else:
-                buffers.append(PinnedBuffer(p))
-        buffers.extend(FlatBuffer(ps, self._buffer_slices) for ps in movable.values())
-        return buffers
+            by_key.setdefault((p.device, p.dtype), []).append(p)
+        return [FlatBuffer(ps, self._buffer_slices, [may_move(p, own) for p in ps]) for ps in by_key.values()]
 
     def _make_plan(self, group: dict[str, Any], old: list[GroupPlan]) -> GroupPlan:
         params = list(group["params"])
@@ -384,19 +377,7 @@ class FusedOptimizer(Optimizer):
 
     def _check_part(self, part: Part, keys: tuple[str, ...]) -> tuple:
         """_C.sync_check of the part; ``keys``: the state keys to check (none: skip state)."""
-        if isinstance(part.buf, InPlaceBuffer):
-            return self._check_dtensor_part(part, keys)
         return _C.sync_check(part.params, part.views, part.grad_slots(), self.state, keys, part.synced)
-
-    def _check_dtensor_part(self, part: Part, keys: tuple[str, ...]) -> tuple:
-        (p,) = part.params
-        if p.to_local().data_ptr() != part.buf.data.data_ptr():
-            return 0, None, None, None, False, -1  # the engine replaced the shard
-        dirty = [] if not keys or state_in_sync(self.state.get(p), part.synced[0], keys) else [0]
-        if p.grad is None:
-            return -1, dirty, [], [], False, -1
-        bad = 0 if p.grad.layout != torch.strided or p.grad.dtype != p.dtype else -1
-        return -1, dirty, None, [p.grad], False, bad
 
     def _checked_parts(self, with_state: bool = True, check_grads: bool = True) -> list[CheckedPart]:
         """Every part, checked against the public objects; a parameter that left its
@@ -437,6 +418,9 @@ class FusedOptimizer(Optimizer):
         g = p.grad
         if g.layout != torch.strided:
             raise RuntimeError(self._sparse_grad_message)
+        if is_dtensor(p) and g.placements != p.placements:
+            raise ValueError(f"fusedopt: a DTensor grad placed {g.placements} does not match its "
+                             f"parameter's placements {p.placements}")
         raise RuntimeError(f"fusedopt: a parameter of dtype {p.dtype} on {p.device} with shape "
                            f"{tuple(p.shape)} has a grad of dtype {g.dtype} on {g.device} with shape "
                            f"{tuple(g.shape)}; they must match")
@@ -711,8 +695,8 @@ class FusedOptimizer(Optimizer):
         if transform.zero_grads:
             _C.bump_versions(c.grads)
         buf.before_kernel()
-        self._update_buffer(c.group, buf, buf.segments(rows), buf.kernel_grads(rows, c.grads, c.flat),
-                            transform.on(buf.device))
+        self._update_buffer(c.group, buf, buf.kernel_params(rows), buf.segments(rows),
+                            buf.kernel_grads(rows, c.grads, c.flat), transform.on(buf.device))
         if skipped:
             return
         buf.after_kernel()
@@ -737,9 +721,10 @@ class FusedOptimizer(Optimizer):
             buf = part.buf
             rows = [part.rows[j] for j in positions]
             grads = [part.params[j].grad for j in positions]
+            grads = [local_of(g) for g in grads]
             buf.before_kernel()
-            self._update_buffer(group, buf, buf.segments(rows), buf.kernel_grads(rows, grads, False),
-                                transform.on(buf.device))
+            self._update_buffer(group, buf, buf.kernel_params(rows), buf.segments(rows),
+                                buf.kernel_grads(rows, grads, False), transform.on(buf.device))
             buf.after_kernel()
 
     def _init_group(self, guarded: list[torch.Tensor]) -> tuple[tuple[int, int, tuple[int, ...]], ...]:
@@ -757,7 +742,7 @@ class FusedOptimizer(Optimizer):
         layout = []
         for c in work:
             self._ensure_state(c.part, c.rows)
-            c.part.buf.segments(c.buffer_rows())  # cached now, not made inside the graph
+            c.part.buf.segments(c.buffer_rows())  # cached now (with its params), not made inside the graph
             for p in c.updated_params():
                 guarded.append(p)
                 guarded.extend(v for v in self.state.get(p, {}).values() if torch.is_tensor(v))
@@ -768,7 +753,8 @@ class FusedOptimizer(Optimizer):
     def _algorithm_state_keys(self, group) -> tuple[str, ...]:
         raise NotImplementedError
 
-    def _update_buffer(self, group, buf: FlatBuffer, segments, grads, transform: GradTransform) -> None:
+    def _update_buffer(self, group, buf: FlatBuffer, params, segments, grads, transform: GradTransform) -> None:
+        """One kernel call over the rows ``segments`` names (csrc/segment_table.h)."""
         raise NotImplementedError
 
     # --- gradient clipping ----------------------------------------------------------
@@ -795,7 +781,7 @@ class FusedOptimizer(Optimizer):
             return inner.clip_grad_norm_(max_norm, norm_type, error_if_nonfinite, grad_scaler=grad_scaler)
         norm_type = float(norm_type)
         work = self._collect_work()
-        if any(isinstance(c.part.buf, InPlaceBuffer) for c in work):
+        if any(c.part.buf.has_shards for c in work):
             # Each rank holds only its shards' grads; the norm needs a reduction over the mesh.
             raise RuntimeError("fusedopt: clip_grad_norm_ does not support DTensor (FSDP2) parameters; "
                                "use torch.nn.utils.clip_grad_norm_, which reduces across ranks")
@@ -874,13 +860,3 @@ def _synced(entry: dict, keys: tuple[str, ...], views: list[torch.Tensor]) -> tu
     for view in views:
         synced += [view, address_of(view)]
     return tuple(synced)
-
-
-def state_in_sync(entry: dict | None, synced: tuple | None, keys: tuple[str, ...]) -> bool:
-    """_C.sync_check's state test, for the parts checked in Python (DTensor)."""
-    if synced is None:
-        return entry is None
-    if entry is not synced[0]:
-        return False
-    return all(entry.get(key) is synced[1 + 2 * k] and address_of(synced[1 + 2 * k]) == synced[2 + 2 * k]
-               for k, key in enumerate(keys))

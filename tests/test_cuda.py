@@ -137,7 +137,7 @@ def run_adam(problem, device, grads, amsgrad, *, steps=3, lr=1e-2, scheduled=Non
     step = problem.step.clone().to(device)
     segments = problem.segments.to(device)
     for _ in range(steps):
-        ops.adam_step_(state["param"], state["exp_avg"], state["exp_avg_sq"], state.get("max_exp_avg_sq"),
+        ops.adam_step_([state["param"]], state["exp_avg"], state["exp_avg_sq"], state.get("max_exp_avg_sq"),
                        step, grads, segments, lr, scheduled, beta1, beta2, weight_decay, eps, decoupled,
                        maximize, grad_scale, found_inf, grad_multiplier, zero_grads)
     return state, step
@@ -151,7 +151,7 @@ def run_sgd(problem, device, grads, *, momentum=0.9, steps=3, lr=0.05, scheduled
     step = problem.step.clone().to(device)
     segments = problem.segments.to(device)
     for _ in range(steps):
-        ops.sgd_step_(state["param"], state.get("momentum_buffer"), step, grads, segments, lr, scheduled,
+        ops.sgd_step_([state["param"]], state.get("momentum_buffer"), step, grads, segments, lr, scheduled,
                       momentum, dampening, weight_decay, nesterov, maximize, grad_scale, found_inf,
                       grad_multiplier, zero_grads)
     return state, step
@@ -328,7 +328,7 @@ def test_new_grad_tensors_with_the_same_segments():
         for (p, m, v, st, gs, seg) in ((state["param"], state["exp_avg"], state["exp_avg_sq"], step, grads, segments),
                                        (ref["param"], ref["exp_avg"], ref["exp_avg_sq"], ref_step,
                                         problem.cpu_grads(), segments_cpu)):
-            ops.adam_step_(p, m, v, None, st, gs, seg, 1e-2, None, 0.9, 0.999, 0.0, 1e-8, False, False,
+            ops.adam_step_([p], m, v, None, st, gs, seg, 1e-2, None, 0.9, 0.999, 0.0, 1e-8, False, False,
                            None, None, None, False)
     assert_same_result((state, step), (ref, ref_step))
 
@@ -356,7 +356,7 @@ def test_no_host_sync():
     torch.cuda.set_sync_debug_mode("error")
     try:
         for _ in range(2):  # the first call uploads the grad table, the second reuses it
-            ops.adam_step_(state["param"], state["exp_avg"], state["exp_avg_sq"], None, step, grads, segments,
+            ops.adam_step_([state["param"]], state["exp_avg"], state["exp_avg_sq"], None, step, grads, segments,
                            0.0, scheduled, 0.9, 0.999, 0.0, 1e-8, True, False, scale, found_inf, multiplier,
                            True)
             ops.grad_norm(grads, segments, 2.0)
@@ -383,7 +383,7 @@ def test_buffer_beyond_2_pow_31_elements():
         buffers[name] = torch.full((numel,), 0.5, dtype=dtype, device="cuda")
         buffers[name][tail] = values[name].cuda()
     step = torch.tensor([4.0, 0.0], device="cuda")
-    ops.adam_step_(buffers["param"], buffers["exp_avg"], buffers["exp_avg_sq"], None, step, [buffers["grad"]],
+    ops.adam_step_([buffers["param"]], buffers["exp_avg"], buffers["exp_avg_sq"], None, step, [buffers["grad"]],
                    segments_cpu.cuda(), 1e-2, None, 0.9, 0.999, 0.0, 1e-8, False, False, None, None, None, False)
 
     # The same update on a small CPU buffer holding only the tail: 2 * n_tail elements of
@@ -391,7 +391,7 @@ def test_buffer_beyond_2_pow_31_elements():
     ref = {name: v.clone() for name, v in values.items()}
     ref_step = torch.tensor([4.0, 0.0])
     ref_segments = torch.tensor([[0, 2 * n_tail, 0], [2 * n_tail, n_tail, 1]])
-    ops.adam_step_(ref["param"], ref["exp_avg"], ref["exp_avg_sq"], None, ref_step, [ref["grad"]], ref_segments,
+    ops.adam_step_([ref["param"]], ref["exp_avg"], ref["exp_avg_sq"], None, ref_step, [ref["grad"]], ref_segments,
                    1e-2, None, 0.9, 0.999, 0.0, 1e-8, False, False, None, None, None, False)
     assert torch.equal(step.cpu(), ref_step)
     for name in ("param", "exp_avg", "exp_avg_sq"):

@@ -427,7 +427,7 @@ def test_stochastic_rounding_random_bits_are_counter_based():
             offsets.append(offsets[-1] + r)
         segments = torch.tensor([[o, r, i] for i, (o, r) in enumerate(zip(offsets, rows))], dtype=torch.int64)
         grads = [torch.full((r,), -2.0 ** -10, dtype=torch.bfloat16) for r in rows]
-        fusedopt.ops.sgd_step_(param, None, step, grads, segments, 1.0, None, 0.0, 0.0, 0.0, False, False,
+        fusedopt.ops.sgd_step_([param], None, step, grads, segments, 1.0, None, 0.0, 0.0, 0.0, False, False,
                                None, None, None, False, None, torch.tensor([12345], dtype=torch.int64))
         results.append(param)
     assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])

@@ -140,28 +140,40 @@ struct VecIO<scalar_t, std::enable_if_t<at::vec::is_reduced_floating_point_v<sca
   }
 };
 
-// Elements of one parameter handed to one thread at a time; big parameters are split
-// so both cores share them, small ones are batched by parallel_for's grain.
+// [note: work split by elements] The rows of a call are laid end to end in one index
+// space, cut into chunks of kChunk elements whatever the rows' sizes: the threads share
+// chunks, not tensors, so one big row is split across cores and thousands of small ones
+// are batched, in one parallel region. A chunk's result never depends on how many
+// threads run (grad_norm sums per chunk, then in chunk order).
 constexpr int64_t kChunk = 1 << 15;
 // Strided grads are gathered this many elements at a time into a stack buffer, so the
 // SIMD loop always reads contiguous memory without copying a whole grad.
 constexpr int64_t kGatherBlock = 512;
 
-struct WorkItem {
-  int64_t segment;
-  int64_t begin;  // element range within the segment
-  int64_t end;
-};
-
-std::vector<WorkItem> split_segments(const int64_t* seg, int64_t num_segments) {
-  std::vector<WorkItem> items;
-  items.reserve(num_segments);
-  for (int64_t s = 0; s < num_segments; ++s) {
-    const int64_t numel = seg[s * kSegmentColumns + kNumel];
-    for (int64_t b = 0; b < numel; b += kChunk) items.push_back({s, b, std::min(numel, b + kChunk)});
+class RowSpace {
+ public:
+  RowSpace(const int64_t* seg, int64_t num_segments) : starts_(num_segments + 1, 0) {
+    for (int64_t s = 0; s < num_segments; ++s) starts_[s + 1] = starts_[s] + seg[s * kSegmentColumns + kNumel];
   }
-  return items;
-}
+
+  int64_t num_chunks() const { return (starts_.back() + kChunk - 1) / kChunk; }
+
+  // Calls piece(segment, begin, end) for each row overlapping chunk `chunk`, with
+  // [begin, end) the overlap in row-local elements, in row order.
+  template <typename Piece>
+  void for_each_piece(int64_t chunk, const Piece& piece) const {
+    const int64_t lo = chunk * kChunk, hi = std::min(lo + kChunk, starts_.back());
+    // The first row that ends after lo (empty rows end where they start: skipped).
+    int64_t s = std::upper_bound(starts_.begin() + 1, starts_.end(), lo) - starts_.begin() - 1;
+    for (const int64_t n = static_cast<int64_t>(starts_.size()) - 1; s < n && starts_[s] < hi; ++s) {
+      const int64_t begin = std::max(lo, starts_[s]), end = std::min(hi, starts_[s + 1]);
+      if (begin < end) piece(s, begin - starts_[s], end - starts_[s]);
+    }
+  }
+
+ private:
+  std::vector<int64_t> starts_;  // prefix sums of the rows' numel
+};
 
 // Where row `segment` of the grads list lives, and how to read it.
 template <typename scalar_t>
@@ -190,6 +202,17 @@ std::vector<GradSource<scalar_t>> grad_sources(const at::TensorList grads, bool 
     sources[s] = {g.data_ptr<scalar_t>(), g.is_contiguous(), &g};
   }
   return sources;
+}
+
+// The first element of every row's param (segment_table.h), gathered as grad_sources.
+template <typename scalar_t>
+std::vector<scalar_t*> param_rows(const at::TensorList params, bool flat_params, const int64_t* seg,
+                                  int64_t num_segments) {
+  std::vector<scalar_t*> rows(num_segments);
+  for (int64_t s = 0; s < num_segments; ++s)
+    rows[s] = flat_params ? params[0].data_ptr<scalar_t>() + seg[s * kSegmentColumns + kFlatOffset]
+                          : params[s].data_ptr<scalar_t>();
+  return rows;
 }
 
 // Copies elements [begin, end) (row-major logical order) of a strided grad into out.
@@ -257,45 +280,66 @@ std::optional<opmath_t> optional_scalar(const std::optional<at::Tensor>& t) {
   return static_cast<opmath_t>(t->item<double>());
 }
 
-// Validates the segments/grads contract of segment_table.h. Returns whether the grads
-// are one flat buffer.
-bool check_segments_and_grads(const at::Tensor& param, const at::Tensor& step,
-                              const at::TensorList grads, const at::Tensor& segments) {
-  TORCH_CHECK(param.dim() == 1 && param.is_contiguous(), "fusedopt: param must be a flat contiguous buffer");
+// A call's rows as checked against segment_table.h's contract.
+struct RowsCheck {
+  bool flat_params;
+  bool flat_grads;
+  int64_t extent;  // the state buffers must hold this many elements (every row's end)
+  at::ScalarType dtype;
+  at::Device device;
+};
+
+// Whether every element of `t` lies in `numel` consecutive elements from its start.
+bool is_dense_row(const at::Tensor& t, int64_t numel) { return t.numel() == numel && t.is_contiguous(); }
+
+// Validates the rows contract of segment_table.h for the params and grads lists.
+RowsCheck check_rows(const at::TensorList params, const at::Tensor& step, const at::TensorList grads,
+                     const at::Tensor& segments) {
+  TORCH_CHECK(!params.empty(), "fusedopt: expected at least one param");
+  TORCH_CHECK(!grads.empty(), "fusedopt: expected at least one grad");
   TORCH_CHECK(step.scalar_type() == at::kFloat && step.is_contiguous() && step.dim() == 1,
               "fusedopt: step must be a 1-D float32 tensor of per-parameter counters");
   TORCH_CHECK(segments.scalar_type() == at::kLong && segments.dim() == 2 &&
-                  segments.size(1) == kSegmentColumns && segments.is_contiguous() &&
-                  segments.device() == param.device(),
+                  segments.size(1) == kSegmentColumns && segments.is_contiguous() && segments.is_cpu(),
               "fusedopt: segments must be a contiguous int64 [n, ", int64_t(kSegmentColumns),
-              "] tensor on the param's device");
+              "] tensor on the CPU");
   const int64_t num_segments = segments.size(0);
-  TORCH_CHECK(!grads.empty(), "fusedopt: expected at least one grad");
   const int64_t* seg = segments.data_ptr<int64_t>();
-  const bool flat_grads = grads_are_flat(static_cast<int64_t>(grads.size()), num_segments, grads[0].numel(),
-                                         num_segments > 0 ? seg[kNumel] : -1);
-  TORCH_CHECK(flat_grads || static_cast<int64_t>(grads.size()) == num_segments,
-              "fusedopt: expected one flat grad buffer or one grad per segment, got ", grads.size(),
-              " grads for ", num_segments, " segments");
-  TORCH_CHECK(!flat_grads || (grads[0].numel() == param.numel() && grads[0].is_contiguous()),
-              "fusedopt: a flat grad buffer must be contiguous and as long as the param buffer");
+  const int64_t first_numel = num_segments > 0 ? seg[kNumel] : -1;
+  RowsCheck check{tensors_are_flat(static_cast<int64_t>(params.size()), num_segments, params[0].numel(),
+                                   first_numel),
+                  tensors_are_flat(static_cast<int64_t>(grads.size()), num_segments, grads[0].numel(),
+                                   first_numel),
+                  0, params[0].scalar_type(), params[0].device()};
+  for (const auto& [flat, list, name] : {std::tuple{check.flat_params, params, "param"},
+                                         std::tuple{check.flat_grads, grads, "grad"}}) {
+    TORCH_CHECK(flat || static_cast<int64_t>(list.size()) == num_segments, "fusedopt: expected one flat ", name,
+                " buffer or one ", name, " per segment, got ", list.size(), " ", name, "s for ", num_segments,
+                " segments");
+    TORCH_CHECK(!flat || list[0].is_contiguous(), "fusedopt: a flat ", name, " buffer must be contiguous");
+    for (size_t i = 0; i < list.size(); ++i) {
+      const at::Tensor& t = list[i];
+      TORCH_CHECK(!t.is_sparse(), "fusedopt: sparse gradients are not supported");
+      TORCH_CHECK(t.scalar_type() == check.dtype && t.device() == check.device, "fusedopt: ", name, " ", i,
+                  " is ", t.scalar_type(), " on ", t.device(), " but param 0 is ", check.dtype, " on ",
+                  check.device);
+    }
+  }
   for (int64_t s = 0; s < num_segments; ++s) {
     const int64_t* row = seg + s * kSegmentColumns;
-    TORCH_CHECK(row[kFlatOffset] >= 0 && row[kNumel] >= 0 && row[kFlatOffset] + row[kNumel] <= param.numel() &&
-                    row[kParamIndex] >= 0 && row[kParamIndex] < step.numel(),
+    const int64_t end = row[kFlatOffset] + row[kNumel];
+    TORCH_CHECK(row[kFlatOffset] >= 0 && row[kNumel] >= 0 && row[kParamIndex] >= 0 &&
+                    row[kParamIndex] < step.numel(),
                 "fusedopt: segment ", s, " lies outside the flat buffers");
+    check.extent = std::max(check.extent, end);
+    TORCH_CHECK(check.flat_params ? end <= params[0].numel() : is_dense_row(params[s], row[kNumel]),
+                "fusedopt: param ", check.flat_params ? 0 : s, " does not hold segment ", s, " (",
+                row[kNumel], " elements", check.flat_params ? " at its flat offset" : ", contiguous", ")");
+    TORCH_CHECK(check.flat_grads ? end <= grads[0].numel() : grads[s].numel() == row[kNumel], "fusedopt: grad ",
+                check.flat_grads ? 0 : s, " has ", grads[check.flat_grads ? 0 : s].numel(),
+                " elements, segment ", s, " needs ", row[kNumel], check.flat_grads ? " at its flat offset" : "");
   }
-  for (size_t i = 0; i < grads.size(); ++i) {
-    const at::Tensor& g = grads[i];
-    TORCH_CHECK(!g.is_sparse(), "fusedopt: sparse gradients are not supported");
-    TORCH_CHECK(g.scalar_type() == param.scalar_type() && g.device() == param.device(),
-                "fusedopt: grad ", i, " is ", g.scalar_type(), " on ", g.device(), " but its param is ",
-                param.scalar_type(), " on ", param.device());
-    if (!flat_grads)
-      TORCH_CHECK(g.numel() == seg[i * kSegmentColumns + kNumel], "fusedopt: grad ", i, " has ",
-                  g.numel(), " elements, its parameter ", seg[i * kSegmentColumns + kNumel]);
-  }
-  return flat_grads;
+  return check;
 }
 
 // How values are rounded when stored: to nearest even, or (with a key) stochastically
@@ -410,12 +454,12 @@ inline void for_each_block(int64_t n, const Block& block) {
   if (i < n) block(i, n - i);
 }
 
-// Adam over the work items. Params are scalar_t (with an optional float32 master
+// Adam over every row of the call. Params are scalar_t (with an optional float32 master
 // copy), the moments state_t; both load into the same opmath vectors.
 template <typename scalar_t, typename state_t, bool amsgrad>
-void adam_kernel(scalar_t* param, float* master, state_t* exp_avg, state_t* exp_avg_sq,
+void adam_kernel(const std::vector<scalar_t*>& param_rows, float* master, state_t* exp_avg, state_t* exp_avg_sq,
                  state_t* max_exp_avg_sq, const float* step, const std::vector<GradSource<scalar_t>>& sources,
-                 const int64_t* seg, const std::vector<WorkItem>& items, double lr, double beta1,
+                 const int64_t* seg, const RowSpace& space, double lr, double beta1,
                  double beta2, double weight_decay, double eps, bool decoupled, bool maximize,
                  std::optional<at::opmath_type<scalar_t>> grad_scale,
                  std::optional<at::opmath_type<scalar_t>> grad_multiplier, bool zero_grads,
@@ -428,25 +472,24 @@ void adam_kernel(scalar_t* param, float* master, state_t* exp_avg, state_t* exp_
   const opmath_t* scale_ptr = grad_scale ? &*grad_scale : nullptr;
   const opmath_t* multiplier_ptr = grad_multiplier ? &*grad_multiplier : nullptr;
 
-  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t first, int64_t last) {
+  at::parallel_for(0, space.num_chunks(), 1, [&](int64_t first, int64_t last) {
     // Rows mostly share their step: the double-precision powers are redone only when it
     // changes (thousands of small tensors would otherwise pay two pow() each).
     float coefficients_step = -1.0f;
     AdamCoefficients<opmath_t> c;
-    for (int64_t w = first; w < last; ++w) {
-      const WorkItem& item = items[w];
-      const int64_t* row = seg + item.segment * kSegmentColumns;
+    for (int64_t chunk = first; chunk < last; ++chunk) space.for_each_piece(chunk, [&](int64_t s, int64_t begin,
+                                                                                       int64_t end) {
+      const int64_t* row = seg + s * kSegmentColumns;
       const float row_step = step[row[kParamIndex]];
       if (row_step != coefficients_step) {
         c = adam_coefficients<opmath_t>(lr, beta1, beta2, weight_decay, eps, decoupled, static_cast<double>(row_step));
         coefficients_step = row_step;
       }
       const int64_t base = row[kFlatOffset];
-      const auto& src = sources[item.segment];
-      for_each_contiguous_grad_block(src, item.begin, item.end, zero_grads,
+      for_each_contiguous_grad_block(sources[s], begin, end, zero_grads,
                                      [&](int64_t i0, int64_t n, const scalar_t* g) {
         const int64_t first_index = base + i0;
-        scalar_t* p = param + first_index;
+        scalar_t* p = param_rows[s] + i0;
         float* pm = master != nullptr ? master + first_index : nullptr;
         state_t* m = exp_avg + first_index;
         state_t* v = exp_avg_sq + first_index;
@@ -474,14 +517,14 @@ void adam_kernel(scalar_t* param, float* master, state_t* exp_avg, state_t* exp_
           }
         });
       });
-    }
+    });
   });
 }
 
 template <typename scalar_t, typename state_t, bool has_momentum, bool nesterov>
-void sgd_kernel(scalar_t* param, float* master, state_t* momentum_buffer, const std::vector<uint8_t>& first_step,
+void sgd_kernel(const std::vector<scalar_t*>& param_rows, float* master, state_t* momentum_buffer, const std::vector<uint8_t>& first_step,
                 const std::vector<GradSource<scalar_t>>& sources, const int64_t* seg,
-                const std::vector<WorkItem>& items, double lr, double momentum, double dampening,
+                const RowSpace& space, double lr, double momentum, double dampening,
                 double weight_decay, bool maximize, std::optional<at::opmath_type<scalar_t>> grad_scale,
                 std::optional<at::opmath_type<scalar_t>> grad_multiplier, bool zero_grads, Rounding rounding) {
   using IO = VecIO<scalar_t>;
@@ -493,17 +536,15 @@ void sgd_kernel(scalar_t* param, float* master, state_t* momentum_buffer, const 
   const opmath_t* multiplier_ptr = grad_multiplier ? &*grad_multiplier : nullptr;
   const auto c = sgd_coefficients<opmath_t>(lr, momentum, dampening, weight_decay);
 
-  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t first, int64_t last) {
-    for (int64_t w = first; w < last; ++w) {
-      const WorkItem& item = items[w];
-      const int64_t* row = seg + item.segment * kSegmentColumns;
-      const bool first_time = first_step[item.segment] != 0;
-      const int64_t base = row[kFlatOffset];
-      const auto& src = sources[item.segment];
-      for_each_contiguous_grad_block(src, item.begin, item.end, zero_grads,
+  at::parallel_for(0, space.num_chunks(), 1, [&](int64_t first, int64_t last) {
+    for (int64_t chunk = first; chunk < last; ++chunk) space.for_each_piece(chunk, [&](int64_t s, int64_t begin,
+                                                                                       int64_t end) {
+      const bool first_time = first_step[s] != 0;
+      const int64_t base = seg[s * kSegmentColumns + kFlatOffset];
+      for_each_contiguous_grad_block(sources[s], begin, end, zero_grads,
                                      [&](int64_t i0, int64_t n, const scalar_t* g) {
         const int64_t first_index = base + i0;
-        scalar_t* p = param + first_index;
+        scalar_t* p = param_rows[s] + i0;
         float* pm = master != nullptr ? master + first_index : nullptr;
         state_t* buf = has_momentum ? momentum_buffer + first_index : nullptr;
         for_each_block<IO::kWidth>(n, [&](int64_t i, auto count) {
@@ -527,7 +568,7 @@ void sgd_kernel(scalar_t* param, float* master, state_t* momentum_buffer, const 
           }
         });
       });
-    }
+    });
   });
 }
 
@@ -563,7 +604,7 @@ void advance_steps(at::Tensor& step, const int64_t* seg, int64_t num_segments) {
   for (int64_t s = 0; s < num_segments; ++s) steps[seg[s * kSegmentColumns + kParamIndex]] += 1.0f;
 }
 
-void adam_step_cpu(at::Tensor& param, at::Tensor& exp_avg, at::Tensor& exp_avg_sq,
+void adam_step_cpu(at::TensorList params, at::Tensor& exp_avg, at::Tensor& exp_avg_sq,
                    const std::optional<at::Tensor>& max_exp_avg_sq, at::Tensor& step, at::TensorList grads,
                    const at::Tensor& segments, double lr, const std::optional<at::Tensor>& scheduled,
                    double beta1, double beta2, double weight_decay, double eps, bool decoupled_weight_decay,
@@ -571,13 +612,13 @@ void adam_step_cpu(at::Tensor& param, at::Tensor& exp_avg, at::Tensor& exp_avg_s
                    const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& grad_multiplier,
                    bool zero_grads, const std::optional<at::Tensor>& master_param,
                    const std::optional<at::Tensor>& rounding_seed) {
-  const bool flat_grads = check_segments_and_grads(param, step, grads, segments);
-  const at::ScalarType state_dtype = check_state_dtype(exp_avg, param);
-  check_flat(exp_avg, param, state_dtype, "exp_avg");
-  check_flat(exp_avg_sq, param, state_dtype, "exp_avg_sq");
+  const RowsCheck rows = check_rows(params, step, grads, segments);
+  const at::ScalarType state_dtype = check_state_dtype(exp_avg, rows.dtype);
+  check_flat(exp_avg, rows.device, state_dtype, rows.extent, "exp_avg");
+  check_flat(exp_avg_sq, rows.device, state_dtype, rows.extent, "exp_avg_sq");
   const bool amsgrad = max_exp_avg_sq.has_value();
-  if (amsgrad) check_flat(*max_exp_avg_sq, param, state_dtype, "max_exp_avg_sq");
-  float* master = check_master(master_param, param);
+  if (amsgrad) check_flat(*max_exp_avg_sq, rows.device, state_dtype, rows.extent, "max_exp_avg_sq");
+  float* master = check_master(master_param, rows.dtype, rows.device, rows.extent);
   const Rounding rounding = rounding_of(rounding_seed, master != nullptr);
   const std::array<double, 3> hyper = scheduled_values<3>({lr, beta1, beta2}, scheduled);  // lr, beta1, beta2
   if (skip_step(found_inf)) {
@@ -586,39 +627,40 @@ void adam_step_cpu(at::Tensor& param, at::Tensor& exp_avg, at::Tensor& exp_avg_s
   }
 
   const int64_t* seg = segments.data_ptr<int64_t>();
-  advance_steps(step, seg, segments.size(0));
-  const auto items = split_segments(seg, segments.size(0));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, param.scalar_type(), "fusedopt::adam_step_", [&] {
+  const int64_t num_segments = segments.size(0);
+  advance_steps(step, seg, num_segments);
+  const RowSpace space(seg, num_segments);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rows.dtype, "fusedopt::adam_step_", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     dispatch_state_dtype<scalar_t>(state_dtype, [&](auto* state_tag) {
       using state_t = std::remove_pointer_t<decltype(state_tag)>;
       auto run = [&](auto amsgrad_tag) {
         adam_kernel<scalar_t, state_t, decltype(amsgrad_tag)::value>(
-            param.data_ptr<scalar_t>(), master, exp_avg.data_ptr<state_t>(), exp_avg_sq.data_ptr<state_t>(),
+            param_rows<scalar_t>(params, rows.flat_params, seg, num_segments), master,
+            exp_avg.data_ptr<state_t>(), exp_avg_sq.data_ptr<state_t>(),
             amsgrad ? max_exp_avg_sq->data_ptr<state_t>() : nullptr, step.data_ptr<float>(),
-            grad_sources<scalar_t>(grads, flat_grads, seg, segments.size(0)), seg, items, hyper[0], hyper[1],
+            grad_sources<scalar_t>(grads, rows.flat_grads, seg, num_segments), seg, space, hyper[0], hyper[1],
             hyper[2], weight_decay, eps, decoupled_weight_decay, maximize, optional_scalar<opmath_t>(grad_scale),
             optional_scalar<opmath_t>(grad_multiplier), zero_grads, rounding);
       };
       amsgrad ? run(std::true_type{}) : run(std::false_type{});
     });
   });
-  zero_strided_grads(grads, flat_grads, zero_grads);
+  zero_strided_grads(grads, rows.flat_grads, zero_grads);
 }
 
-void sgd_step_cpu(at::Tensor& param, const std::optional<at::Tensor>& momentum_buffer, at::Tensor& step,
+void sgd_step_cpu(at::TensorList params, const std::optional<at::Tensor>& momentum_buffer, at::Tensor& step,
                   at::TensorList grads, const at::Tensor& segments, double lr,
                   const std::optional<at::Tensor>& scheduled, double momentum, double dampening,
                   double weight_decay, bool nesterov, bool maximize, const std::optional<at::Tensor>& grad_scale,
                   const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& grad_multiplier,
                   bool zero_grads, const std::optional<at::Tensor>& master_param,
                   const std::optional<at::Tensor>& rounding_seed) {
-  const bool flat_grads = check_segments_and_grads(param, step, grads, segments);
+  const RowsCheck rows = check_rows(params, step, grads, segments);
   const bool has_momentum = momentum_buffer.has_value();
-  const at::ScalarType state_dtype =
-      has_momentum ? check_state_dtype(*momentum_buffer, param) : param.scalar_type();
-  if (has_momentum) check_flat(*momentum_buffer, param, state_dtype, "momentum_buffer");
-  float* master = check_master(master_param, param);
+  const at::ScalarType state_dtype = has_momentum ? check_state_dtype(*momentum_buffer, rows.dtype) : rows.dtype;
+  if (has_momentum) check_flat(*momentum_buffer, rows.device, state_dtype, rows.extent, "momentum_buffer");
+  float* master = check_master(master_param, rows.dtype, rows.device, rows.extent);
   const Rounding rounding = rounding_of(rounding_seed, master != nullptr);
   const std::array<double, 2> hyper = scheduled_values<2>({lr, momentum}, scheduled);  // lr, momentum
   if (skip_step(found_inf)) {
@@ -634,14 +676,15 @@ void sgd_step_cpu(at::Tensor& param, const std::optional<at::Tensor>& momentum_b
     first_step[s] = steps[seg[s * kSegmentColumns + kParamIndex]] == 0.0f;
   // The counter records a started momentum buffer: a step without momentum starts none.
   if (has_momentum) advance_steps(step, seg, num_segments);
-  const auto items = split_segments(seg, num_segments);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, param.scalar_type(), "fusedopt::sgd_step_", [&] {
+  const RowSpace space(seg, num_segments);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rows.dtype, "fusedopt::sgd_step_", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     auto run = [&](auto* state_tag, auto momentum_tag, auto nesterov_tag) {
       using state_t = std::remove_pointer_t<decltype(state_tag)>;
       sgd_kernel<scalar_t, state_t, decltype(momentum_tag)::value, decltype(nesterov_tag)::value>(
-          param.data_ptr<scalar_t>(), master, has_momentum ? momentum_buffer->data_ptr<state_t>() : nullptr,
-          first_step, grad_sources<scalar_t>(grads, flat_grads, seg, num_segments), seg, items, hyper[0],
+          param_rows<scalar_t>(params, rows.flat_params, seg, num_segments), master,
+          has_momentum ? momentum_buffer->data_ptr<state_t>() : nullptr, first_step,
+          grad_sources<scalar_t>(grads, rows.flat_grads, seg, num_segments), seg, space, hyper[0],
           hyper[1], dampening, weight_decay, maximize, optional_scalar<opmath_t>(grad_scale),
           optional_scalar<opmath_t>(grad_multiplier), zero_grads, rounding);
     };
@@ -654,7 +697,7 @@ void sgd_step_cpu(at::Tensor& param, const std::optional<at::Tensor>& momentum_b
       else run(state_tag, std::true_type{}, std::false_type{});
     });
   });
-  zero_strided_grads(grads, flat_grads, zero_grads);
+  zero_strided_grads(grads, rows.flat_grads, zero_grads);
 }
 
 // max that lets NaN through, as torch.max does.
@@ -703,8 +746,8 @@ at::Tensor grad_norm_cpu(at::TensorList grads, const at::Tensor& segments, doubl
               "fusedopt: segments must be a contiguous int64 [n, ", int64_t(kSegmentColumns), "] tensor");
   const int64_t num_segments = segments.size(0);
   const int64_t* seg = segments.data_ptr<int64_t>();
-  const bool flat_grads = grads_are_flat(static_cast<int64_t>(grads.size()), num_segments, grads[0].numel(),
-                                         num_segments > 0 ? seg[kNumel] : -1);
+  const bool flat_grads = tensors_are_flat(static_cast<int64_t>(grads.size()), num_segments, grads[0].numel(),
+                                           num_segments > 0 ? seg[kNumel] : -1);
   TORCH_CHECK(flat_grads ? grads[0].is_contiguous() : static_cast<int64_t>(grads.size()) == num_segments,
               "fusedopt: expected one contiguous flat grad buffer or one grad per segment");
   for (int64_t s = 0; s < num_segments; ++s) {
@@ -716,20 +759,19 @@ at::Tensor grad_norm_cpu(at::TensorList grads, const at::Tensor& segments, doubl
   const auto dtype = grads[0].scalar_type();
   double total = 0.0;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "fusedopt::grad_norm", [&] {
-    const auto items = split_segments(seg, num_segments);
+    const RowSpace space(seg, num_segments);
     const auto sources = grad_sources<scalar_t>(grads, flat_grads, seg, num_segments);
-    std::vector<double> partial(items.size());
-    at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t first, int64_t last) {
-      for (int64_t w = first; w < last; ++w) {
-        const WorkItem& item = items[w];
-        const auto& src = sources[item.segment];
+    std::vector<double> partial(space.num_chunks());
+    at::parallel_for(0, space.num_chunks(), 1, [&](int64_t first, int64_t last) {
+      for (int64_t chunk = first; chunk < last; ++chunk) {
         double acc = 0.0;
-        for_each_contiguous_grad_block(src, item.begin, item.end, false,
-                                       [&](int64_t, int64_t n, const scalar_t* g) {
-          const double part = block_norm_partial(g, n, norm_type);
-          acc = is_inf ? nan_max(acc, part) : acc + part;
+        space.for_each_piece(chunk, [&](int64_t s, int64_t begin, int64_t end) {
+          for_each_contiguous_grad_block(sources[s], begin, end, false, [&](int64_t, int64_t n, const scalar_t* g) {
+            const double part = block_norm_partial(g, n, norm_type);
+            acc = is_inf ? nan_max(acc, part) : acc + part;
+          });
         });
-        partial[w] = acc;
+        partial[chunk] = acc;
       }
     });
     for (double part : partial) total = is_inf ? nan_max(total, part) : total + part;
