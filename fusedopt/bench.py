@@ -34,7 +34,7 @@ import torch
 from tqdm import tqdm
 
 import fusedopt
-from fusedopt import ops
+from fusedopt import bench_fsdp, ops
 
 # Kineto prints trace markers and "no GPU" errors to stderr on every profiled step,
 # which would shred the progress bar; 6 is above its highest level. Read when the
@@ -96,6 +96,15 @@ MODELS: dict[str, Callable[[], list[tuple[int, ...]]]] = {
     "bert-base": bert_base_shapes,
     "many-small": many_small_shapes,
 }
+
+# Where the parameters live (--placements): tensors of their own, which fusedopt moves
+# into its flat buffers; shared memory (share_memory_(), Hogwild's recipe), which it
+# updates in place; FSDP2's DTensor shards (bench_fsdp.py, its own models).
+OWNED, SHARED, FSDP2 = "owned", "shared-memory", "fsdp2"
+PLACEMENTS = (OWNED, SHARED, FSDP2)
+# Shared memory doubles the time of every model: by default only where it matters most.
+SHARED_MODELS = ("many-small", "gpt2-small")
+FSDP_ROUNDS = 3  # progress-bar rounds per FSDP2 case
 
 
 # --- algorithms and implementations ------------------------------------------------
@@ -226,7 +235,8 @@ def random_tensors(shapes, device, dtype, generator) -> list[torch.Tensor]:
     return [torch.randn(s, generator=generator, device=device, dtype=dtype) for s in shapes]
 
 
-def build_case(shapes, algo: Algo, device, dtype, seed: int, low_precision: bool = False, skip=()):
+def build_case(shapes, algo: Algo, device, dtype, seed: int, low_precision: bool = False, skip=(),
+               shared: bool = False):
     """(params, runners): every implementation of one case, all stepping the *same*
     parameters, grads and optimizer state, which live in fusedopt's flat buffers;
     torch.optim's optimizers are handed the state as views, as fusedopt's own `state`
@@ -238,9 +248,15 @@ def build_case(shapes, algo: Algo, device, dtype, seed: int, low_precision: bool
     Grads: fusedopt (flat grads) gets the views of its flat grad buffer that
     zero_grad(set_to_none=False) makes, which it steps as one range. Everyone else gets
     other tensor objects over the same memory, one per parameter, which fusedopt reads
-    as it reads autograd's grads: tensor by tensor, through its per-parameter table."""
+    as it reads autograd's grads: tensor by tensor, through its per-parameter table.
+
+    ``shared``: the params are moved to shared memory first (``share_memory_()``, as
+    PyTorch's Hogwild recipe does), where fusedopt updates them in place."""
     generator = torch.Generator(device=device).manual_seed(seed)
     params = random_tensors(shapes, device, dtype, generator)
+    if shared:
+        for p in params:
+            p.share_memory_()
     fused = algo.fusedopt_cls(params, **algo.kwargs)  # packs params into its flat buffers
 
     # Empty grads (no pages touched) that zero_grad moves into the flat grad buffer.
@@ -498,12 +514,14 @@ def busy_processes(count: int):
 
 # --- one case ----------------------------------------------------------------------
 
-def run_case(model, algo_name, device, args, seed, during: LoadWindow, bar) -> list[dict]:
+def run_case(model, algo_name, device, args, seed, during: LoadWindow, bar, placement: str = OWNED) -> list[dict]:
     algo = ALGOS[algo_name]
     shapes = MODELS[model]()
     bar.set_postfix_str(f"{model} {algo_name}: building")
     params, runners = build_case(shapes, algo, device, getattr(torch, args.dtype), seed, args.low_precision,
-                                 args.skip)
+                                 args.skip, shared=placement == SHARED)
+    if placement == SHARED:
+        model = f"{model}, shared memory"
     bar.update()
     bar.set_postfix_str(f"{model} {algo_name}: timing")
     case_load = LoadWindow()
@@ -522,6 +540,31 @@ def run_case(model, algo_name, device, args, seed, during: LoadWindow, bar) -> l
             "elements": elements, "other_cores_during": case_load.other_cores,
             "contention_processes": args.contention}
     return [result_row(base, runner, runner.bytes_per_element * elements, args.bandwidth) for runner in runners]
+
+
+def run_fsdp_case(case, algo_name, device, args, during: LoadWindow, bar) -> list[dict]:
+    """One FSDP2 case (bench_fsdp.py): torch's for-loop, foreach and fused steps and
+    fusedopt's, over fully_shard's DTensor shards, in processes of their own."""
+    algo = ALGOS[algo_name]
+    bar.set_postfix_str(f"{case.name} {algo_name}")
+    implementations = [(peer.name, peer.options) for peer in peers_for(device, args.skip)
+                       if peer.wrap is torch_step]
+    implementations.append((FUSEDOPT, {"fusedopt": True}))
+    case_load = LoadWindow()
+    with busy_processes(args.contention), measuring(case_load):
+        result = bench_fsdp.run(case, algo_name, implementations, device.type, args.warmup, args.reps)
+    during.merge(case_load)
+    bar.update(FSDP_ROUNDS)
+    elements = result["elements"]
+    base = {"model": case.name, "algo": algo_name, "dtype": "float32", "tensors": 2 * case.layers,
+            "elements": elements, "other_cores_during": case_load.other_cores,
+            "contention_processes": args.contention}
+    rows = []
+    for name, _ in implementations:
+        runner = Runner(name, None, times=result["times"][name], bytes_per_element=bytes_per_element(algo, torch.float32),
+                        note="slowest rank per step; shards on the CPU" if case.offload else "slowest rank per step")
+        rows.append(result_row(base, runner, runner.bytes_per_element * elements, args.bandwidth))
+    return rows
 
 
 def result_row(base: dict, runner: Runner, bytes_per_step: int, bandwidth: dict) -> dict:
@@ -783,6 +826,7 @@ MIN_REPS = 5
 # 25.6M and 6.1M parameters: a quick run stays well under 2 GB.
 QUICK_MODELS = ["resnet50", "many-small"]
 QUICK_ALGOS = ["adamw"]
+QUICK_PLACEMENTS = [OWNED, SHARED]
 
 
 def name_list(valid, what: str):
@@ -816,6 +860,11 @@ def make_parser(prog: str) -> argparse.ArgumentParser:
     parser.add_argument("--algos", type=name_list(ALGOS, "algo"), default=None,
                         help=f"comma list from {', '.join(ALGOS)} (default: all; "
                              f"with --quick: {','.join(QUICK_ALGOS)})")
+    parser.add_argument("--placements", type=name_list(PLACEMENTS, "placement"), default=None,
+                        help=f"where the parameters live, comma list from {', '.join(PLACEMENTS)} (default: all; "
+                             f"shared-memory for {', '.join(SHARED_MODELS)} among the models asked for, fsdp2 "
+                             f"with its own models: {len(bench_fsdp.cases('cpu'))} cases per algo, processes of "
+                             f"their own; with --quick: {','.join(QUICK_PLACEMENTS)})")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                         help="parameter, grad and state dtype (default: float32)")
     parser.add_argument("--reps", type=positive_int, default=None,
@@ -853,6 +902,9 @@ def parse_args(argv, prog: str) -> argparse.Namespace:
     args.skip = [PEER_KEYS[key] for key in args.skip]
     args.models = args.models or (QUICK_MODELS if args.quick else list(MODELS))
     args.algos = args.algos or (QUICK_ALGOS if args.quick else list(ALGOS))
+    args.placements = args.placements or (QUICK_PLACEMENTS if args.quick else list(PLACEMENTS))
+    if args.low_precision or args.dtype != "float32":  # the placement cases are float32 ones
+        args.placements = [OWNED]
     args.case_budget_s = None if args.reps else CASE_BUDGET_S
     args.reps = args.reps or (5 if args.quick else 20)
     args.warmup = 1 if args.quick else 3
@@ -872,14 +924,20 @@ def main(argv=None, prog: str = "fusedopt-bench") -> int:
     rows = []
     during = LoadWindow()
     rounds_per_case = 1 + args.warmup + args.reps + 1  # build, warm-up, timed reps, memory
-    with tqdm(total=len(args.models) * len(args.algos) * rounds_per_case, unit="round",
-              desc="fusedopt.bench") as bar:
-        for seed, model in enumerate(args.models):
+    cases = [(model, placement) for model in args.models for placement in (OWNED, SHARED)
+             if placement in args.placements and (placement == OWNED or model in SHARED_MODELS)]
+    fsdp_cases = bench_fsdp.cases(args.device.type) if FSDP2 in args.placements else []
+    total = len(args.algos) * (len(cases) * rounds_per_case + len(fsdp_cases) * FSDP_ROUNDS)
+    with tqdm(total=total, unit="round", desc="fusedopt.bench") as bar:
+        for model, placement in cases:
             for algo in args.algos:
-                rows += run_case(model, algo, args.device, args, seed, during, bar)
+                rows += run_case(model, algo, args.device, args, args.models.index(model), during, bar, placement)
                 gc.collect()  # frees this case's tensors before the next case makes its own
+        for case in fsdp_cases:
+            for algo in args.algos:
+                rows += run_fsdp_case(case, algo, args.device, args, during, bar)
     add_speedups(rows)
-    summary = summary_rows(rows, args.models, args.algos)
+    summary = summary_rows(rows, list(dict.fromkeys(r["model"] for r in rows)), args.algos)
     load = load_verdict(before, during, args.contention, cores)
 
     notes = footer_notes(args, machine, load, rows)
@@ -890,6 +948,7 @@ def main(argv=None, prog: str = "fusedopt-bench") -> int:
               "dtype": args.dtype, "reps": args.reps, "case_budget_s": args.case_budget_s,
               "warmup": args.warmup, "quick": args.quick,
               "contention": args.contention, "lr": LR, "low_precision": args.low_precision,
+              "placements": args.placements,
               "skip": args.skip}
     (args.out / "results.json").write_text(json.dumps(
         {"load": load, "machine": machine, "config": config, "notes": notes,

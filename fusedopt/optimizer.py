@@ -259,10 +259,12 @@ class FusedOptimizer(Optimizer):
         rows are moved into its memory where nothing else sees theirs, else updated
         where they are (flat_buffer.py), all in one kernel call."""
         own = self._own_memory()
+        movable = {id(p): may_move(p, own) for p in params}
+        layer = overlap_layers([p for p in params if not movable[id(p)] and not is_dtensor(p)])
         by_key: dict[tuple, list[torch.Tensor]] = {}
         for p in params:
-            by_key.setdefault((p.device, p.dtype), []).append(p)
-        return [FlatBuffer(ps, self._buffer_slices, [may_move(p, own) for p in ps]) for ps in by_key.values()]
+            by_key.setdefault((p.device, p.dtype, layer.get(id(p), 0)), []).append(p)
+        return [FlatBuffer(ps, self._buffer_slices, [movable[id(p)] for p in ps]) for ps in by_key.values()]
 
     def _make_plan(self, group: dict[str, Any], old: list[GroupPlan]) -> GroupPlan:
         params = list(group["params"])
@@ -828,6 +830,27 @@ class FusedOptimizer(Optimizer):
         state["stage"] = OptState.UNSCALED
         self.grad_scale = scale
         return scaled_norm * scale.double().reciprocal().float().to(scaled_norm.device)
+
+
+def overlap_layers(params: list[torch.Tensor]) -> dict[int, int]:
+    """Per parameter (by id), a layer such that no two in one layer share memory. One
+    kernel call reads every row before it writes it, while torch.optim updates
+    parameters one after another: parameters whose memory overlaps (views of one
+    tensor that share elements) must be updated by separate calls, in order. Greedy
+    interval colouring by address span: disjoint parameters all get layer 0."""
+    spans = []
+    for p in params:
+        extent = sum((size - 1) * stride for size, stride in zip(p.shape, p.stride())) + 1 if p.numel() else 0
+        spans.append((p.data_ptr(), p.data_ptr() + extent * p.element_size(), id(p)))
+    layer_ends: list[int] = []  # per layer, where its last span ends
+    layers = {}
+    for start, end, key in sorted(spans):
+        layer = next((k for k, last in enumerate(layer_ends) if last <= start), len(layer_ends))
+        if layer == len(layer_ends):
+            layer_ends.append(end)
+        layer_ends[layer] = end
+        layers[key] = layer
+    return layers
 
 
 def in_memory(t: torch.Tensor, spans: list[tuple[int, int]]) -> bool:

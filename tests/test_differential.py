@@ -29,6 +29,9 @@ Operations (each applied identically to both optimizers and to both sets of para
 * re-pointing p.data (a clone, the same values in the other memory layout, new values);
   share_memory_() of every param.
 
+The same programs also run with every param in shared memory from the start (the
+``_shared`` classes).
+
 Where torch.optim raises (its state_dict() raises KeyError while a param that has state is
 in no group), fusedopt must raise the same exception type; the program then goes on.
 """
@@ -112,6 +115,7 @@ class Differential(RuleBasedStateMachine):
     subclasses."""
     ALGO = None
     DEVICE = "cpu"
+    SHARED = False  # every param starts in shared memory (fusedopt updates it where it is)
 
     def __init__(self):
         super().__init__()
@@ -129,8 +133,10 @@ class Differential(RuleBasedStateMachine):
         """A new param, cloned onto both sides; returns its index."""
         shape, dtype, transposed = spec
         base = [nn.Parameter(random_tensor(shape, dtype, self.next_seed(), self.DEVICE, transposed))]
-        self.sides["ref"] += clone_params(base)
-        self.sides["fused"] += clone_params(base)
+        for side in self.sides.values():
+            side += clone_params(base)
+            if self.SHARED:
+                side[-1].share_memory_()
         return len(self.sides["ref"]) - 1
 
     @property
@@ -567,11 +573,13 @@ SETTINGS = settings(max_examples=EXPLORE or 60, stateful_step_count=150 if EXPLO
                     print_blob=False)
 
 
-def differential_test(algo, device):
-    """The pytest class running random programs for one algorithm on one device."""
-    machine = type(f"{algo}Differential_{device}", (Differential,), {"ALGO": algo, "DEVICE": device})
+def differential_test(algo, device, shared=False):
+    """The pytest class running random programs for one algorithm on one device (with
+    ``shared``: every param in shared memory, a fifth of the programs)."""
+    machine = type(f"{algo}Differential_{device}{'_shared' if shared else ''}", (Differential,),
+                   {"ALGO": algo, "DEVICE": device, "SHARED": shared})
     test = machine.TestCase
-    test.settings = SETTINGS
+    test.settings = settings(SETTINGS, max_examples=SETTINGS.max_examples // 5) if shared else SETTINGS
     return pytest.mark.skipif(device == "cuda" and not torch.cuda.is_available(),
                               reason="no CUDA device on this machine")(test)
 
@@ -579,6 +587,11 @@ def differential_test(algo, device):
 TestSGDDifferential = differential_test("SGD", "cpu")
 TestAdamDifferential = differential_test("Adam", "cpu")
 TestAdamWDifferential = differential_test("AdamW", "cpu")
+# Params in shared memory (PyTorch's Hogwild recipe): rows fusedopt cannot move, updated
+# where they live in the same kernel call as the rest of their group.
+TestSGDDifferential_shared = differential_test("SGD", "cpu", shared=True)
+TestAdamDifferential_shared = differential_test("Adam", "cpu", shared=True)
+TestAdamWDifferential_shared = differential_test("AdamW", "cpu", shared=True)
 # The same programs with params, grads and fusedopt's buffers on the GPU (torch.optim's
 # oracle runs there too). Written before any GPU ran them: benchmarks/cuda_check.sh's
 # `tests` stage picks them up by name.

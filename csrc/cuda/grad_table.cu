@@ -1,4 +1,4 @@
-// The device table of per-row grad addresses, and its cache.
+// The device table of per-row grad and param addresses, and its cache.
 //
 // [note: grad table cache] Autograd usually hands back the same grad tensors step after
 // step (AccumulateGrad reuses .grad; a caching allocator tends to return the same
@@ -31,6 +31,7 @@ constexpr size_t kMaxCachedTables = 64;
 struct CachedTable {
   int device;
   const void* segments;
+  bool with_params;  // a step's table (grad_norm's for the same rows has no params)
   std::vector<int64_t> words;
   at::Tensor table;
   std::vector<c10::cuda::CUDAStream> streams;  // streams the table was used on
@@ -38,12 +39,14 @@ struct CachedTable {
 
 class GradTableCache {
  public:
-  at::Tensor get(const at::Tensor& segments, std::vector<int64_t>&& words) {
+  at::Tensor get(const at::Tensor& segments, bool with_params, std::vector<int64_t>&& words) {
     const int device = segments.get_device();
     const auto stream = at::cuda::getCurrentCUDAStream(device);
     std::lock_guard<std::mutex> lock(mutex_);
     auto it = entries_.begin();
-    while (it != entries_.end() && !(it->device == device && it->segments == segments.data_ptr())) ++it;
+    while (it != entries_.end() &&
+           !(it->device == device && it->segments == segments.data_ptr() && it->with_params == with_params))
+      ++it;
     if (it != entries_.end()) {
       entries_.splice(entries_.begin(), entries_, it);  // most recently used first
       CachedTable& entry = entries_.front();
@@ -57,7 +60,7 @@ class GradTableCache {
       return entry.table;
     }
     at::Tensor table = upload(words, segments.device());
-    entries_.push_front({device, segments.data_ptr(), std::move(words), table, {stream}});
+    entries_.push_front({device, segments.data_ptr(), with_params, std::move(words), table, {stream}});
     if (entries_.size() > kMaxCachedTables) entries_.pop_back();
     return table;
   }
@@ -115,45 +118,13 @@ int64_t append_shape(const at::Tensor& grad, std::vector<int64_t>& words) {
 
 int64_t round_up(int64_t x, int64_t multiple) { return (x + multiple - 1) / multiple * multiple; }
 
-}  // namespace
-
-GradsPlan plan_grads(at::TensorList grads, const at::Tensor& segments, int64_t flat_numel,
-                     bool zero_grads) {
-  const int64_t num_segments = segments.size(0);
-  for (size_t i = 0; i < grads.size(); ++i) {
-    TORCH_CHECK(!grads[i].is_sparse(), "fusedopt: sparse gradients are not supported");
-    TORCH_CHECK(grads[i].device() == segments.device(), "fusedopt: grad ", i, " is on ",
-                grads[i].device(), " but segments are on ", segments.device());
-    // Overlapping elements (expanded grads) would be zeroed by one thread while another
-    // still has to read them.
-    TORCH_CHECK(!zero_grads || at::has_internal_overlap(grads[i]) != at::MemOverlap::Yes,
-                "fusedopt: zero_grads needs grads without overlapping elements (grad ", i,
-                " is expanded)");
-  }
-  // One grad is the flat grad buffer when there are several rows, or when it is laid
-  // out like the param buffer (contiguous, it then reads the same as the own grad of a
-  // row covering the whole buffer). Any other single grad goes through the table, where
-  // the kernel tells a flat buffer from the row's own grad by numel (for_each_owned_row).
-  const bool flat = grads.size() == 1 &&
-                    (num_segments != 1 ||
-                     (flat_numel >= 0 && grads[0].numel() == flat_numel && grads[0].is_contiguous()));
-  GradsPlan plan;
-  plan.walk.segments = segments.data_ptr<int64_t>();
-  plan.walk.num_segments = num_segments;
-  if (flat) {
-    TORCH_CHECK(grads[0].is_contiguous(), "fusedopt: a flat grad buffer must be contiguous");
-    TORCH_CHECK(flat_numel < 0 || grads[0].numel() == flat_numel, "fusedopt: the flat grad buffer has ",
-                grads[0].numel(), " elements, the param buffer ", flat_numel);
-    plan.walk.space = grads[0].numel();
-    plan.walk.table = nullptr;
-    plan.walk.flat_grad = grads[0].data_ptr();
-    return plan;
-  }
+// The per-row grad table (row_walk.cuh) of one grad per row, into `words`.
+void append_grad_rows(at::TensorList grads, int64_t num_segments, std::vector<int64_t>& words) {
   TORCH_CHECK(static_cast<int64_t>(grads.size()) == num_segments,
               "fusedopt: expected one flat grad buffer or one grad per segment, got ", grads.size(),
               " grads for ", num_segments, " segments");
   const int64_t rows_begin = num_segments + 1;
-  std::vector<int64_t> words(rows_begin + kRowWords * num_segments);
+  words.assign(rows_begin + kRowWords * num_segments, 0);
   int64_t packed = 0;
   for (int64_t r = 0; r < num_segments; ++r) {
     const at::Tensor& grad = grads[r];
@@ -167,10 +138,63 @@ GradsPlan plan_grads(at::TensorList grads, const at::Tensor& segments, int64_t f
     words[rows_begin + kRowWords * r + 2] = shape;
   }
   words[num_segments] = packed;
-  plan.walk.space = packed;
-  plan.table = grad_table_cache().get(segments, std::move(words));
-  plan.walk.table = plan.table.data_ptr<int64_t>();
+}
+
+}  // namespace
+
+GradsPlan plan_rows(at::TensorList params, at::TensorList grads, const at::Tensor& segments, bool zero_grads) {
+  const int64_t num_segments = segments.size(0);
+  for (size_t i = 0; i < params.size(); ++i)
+    TORCH_CHECK(params[i].device() == segments.device() && params[i].is_contiguous(), "fusedopt: param ", i,
+                " must be a contiguous tensor on ", segments.device());
+  // One param is the flat param buffer or a lone row's own (the device tells them apart,
+  // row_param); one per row goes through the table.
+  const bool param_rows = params.size() > 1;
+  TORCH_CHECK(params.size() <= 1 || static_cast<int64_t>(params.size()) == num_segments,
+              "fusedopt: expected one flat param buffer or one param per segment, got ", params.size(),
+              " params for ", num_segments, " segments");
+  const int64_t flat_numel = params.size() == 1 ? params[0].numel() : -1;
+  for (size_t i = 0; i < grads.size(); ++i) {
+    TORCH_CHECK(!grads[i].is_sparse(), "fusedopt: sparse gradients are not supported");
+    TORCH_CHECK(grads[i].device() == segments.device(), "fusedopt: grad ", i, " is on ",
+                grads[i].device(), " but segments are on ", segments.device());
+    // Overlapping elements (expanded grads) would be zeroed by one thread while another
+    // still has to read them.
+    TORCH_CHECK(!zero_grads || at::has_internal_overlap(grads[i]) != at::MemOverlap::Yes,
+                "fusedopt: zero_grads needs grads without overlapping elements (grad ", i,
+                " is expanded)");
+  }
+  // One grad is the flat grad buffer when there are several rows. A single grad for a
+  // single row goes through the table, where the kernel tells a flat buffer from the
+  // row's own grad by numel (for_each_owned_row): a row's own param or grad is read from
+  // its start, the flat buffers at the row's flat offset, which only the device knows.
+  const bool flat = grads.size() == 1 && num_segments != 1;
+  GradsPlan plan;
+  plan.walk.segments = segments.data_ptr<int64_t>();
+  plan.walk.num_segments = num_segments;
+  plan.walk.table = nullptr;
   plan.walk.flat_grad = nullptr;
+  plan.walk.param_table = nullptr;
+  plan.walk.lone_param = params.size() == 1 ? params[0].data_ptr() : nullptr;
+  plan.walk.lone_param_numel = flat_numel;
+  std::vector<int64_t> words;
+  if (flat) {
+    TORCH_CHECK(grads[0].is_contiguous(), "fusedopt: a flat grad buffer must be contiguous");
+    plan.walk.space = grads[0].numel();
+    plan.walk.flat_grad = grads[0].data_ptr();
+  } else {
+    append_grad_rows(grads, num_segments, words);
+    plan.walk.space = words[num_segments];
+  }
+  const int64_t param_words = static_cast<int64_t>(words.size());
+  if (param_rows)
+    for (const at::Tensor& param : params)
+      words.push_back(static_cast<int64_t>(reinterpret_cast<uintptr_t>(param.data_ptr())));
+  if (words.empty()) return plan;
+  plan.table = grad_table_cache().get(segments, !params.empty(), std::move(words));
+  const int64_t* table = plan.table.data_ptr<int64_t>();
+  if (!flat) plan.walk.table = table;
+  if (param_rows) plan.walk.param_table = table + param_words;
   return plan;
 }
 

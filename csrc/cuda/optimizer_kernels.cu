@@ -1,5 +1,6 @@
-// CUDA kernels of the fusedopt ops: the math of optimizer_math.h over one flat buffer
-// per launch, reading each parameter's grad where it lives (see row_walk.cuh).
+// CUDA kernels of the fusedopt ops: the math of optimizer_math.h over every row of a
+// call in one launch, reading each row's param and grad where they live (see
+// row_walk.cuh and segment_table.h).
 //
 // A step is two launches on the current stream:
 //   1. a prepare kernel, one thread per row, that advances the row's step counter and
@@ -128,8 +129,7 @@ adam_prepare_kernel(const int64_t* __restrict__ segments, int64_t num_segments, 
 }
 
 template <typename scalar_t, typename state_t>
-struct AdamBuffers {
-  scalar_t* param;
+struct AdamBuffers {  // the state buffers; params are found through the walk (row_param)
   float* master;  // the float32 master copy, or nullptr
   state_t* exp_avg;
   state_t* exp_avg_sq;
@@ -153,7 +153,7 @@ adam_kernel(AdamBuffers<scalar_t, state_t> buffers, RowWalk walk,
                                          const GradRef<scalar_t>& grad) {
     const AdamCoefficients<opmath_t> c = coefficients[row];
     RowState<scalar_t, state_t, kStates> state;
-    state.param = buffers.param + flat_offset;
+    state.param = row_param<scalar_t>(walk, row, flat_offset);
     state.master = kMaster ? buffers.master + flat_offset : nullptr;
     state.state[0] = buffers.exp_avg + flat_offset;
     state.state[1] = buffers.exp_avg_sq + flat_offset;
@@ -198,8 +198,7 @@ sgd_prepare_kernel(const int64_t* __restrict__ segments, int64_t num_segments, f
 }
 
 template <typename scalar_t, typename state_t>
-struct SgdBuffers {
-  scalar_t* param;
+struct SgdBuffers {  // the state buffers; params are found through the walk (row_param)
   float* master;  // the float32 master copy, or nullptr
   state_t* momentum_buffer;
   bool aligned;
@@ -221,7 +220,7 @@ sgd_kernel(SgdBuffers<scalar_t, state_t> buffers, RowWalk walk,
                                          const GradRef<scalar_t>& grad) {
     const SgdRowCoefficients<opmath_t> rc = coefficients[row];
     RowState<scalar_t, state_t, kStates> state;
-    state.param = buffers.param + flat_offset;
+    state.param = row_param<scalar_t>(walk, row, flat_offset);
     state.master = kMaster ? buffers.master + flat_offset : nullptr;
     if constexpr (has_momentum) state.state[0] = buffers.momentum_buffer + flat_offset;
     update_row_elements<scalar_t, state_t, kMaster>(
@@ -387,11 +386,20 @@ void dispatch_master(bool has_master, const F& f) {
   f(std::false_type{});
 }
 
-void check_param_step_segments(const at::Tensor& param, const at::Tensor& step, at::TensorList grads,
+// The params' dtype and device, checked with step, segments and the grads' dtypes. The
+// rows' extent is on the device: state buffers are checked against the first one's
+// size (the optimizers size them all alike).
+void check_param_step_segments(at::TensorList params, const at::Tensor& step, at::TensorList grads,
                                const at::Tensor& segments) {
-  TORCH_CHECK(param.is_cuda() && param.dim() == 1 && param.is_contiguous(),
-              "fusedopt: param must be a flat contiguous CUDA buffer");
+  TORCH_CHECK(!params.empty(), "fusedopt: expected at least one param");
+  const at::Tensor& param = params[0];
+  TORCH_CHECK(param.is_cuda(), "fusedopt: params must be CUDA tensors");
   check_float_dtype(param, "param");
+  for (size_t i = 0; i < params.size(); ++i)
+    TORCH_CHECK(params[i].scalar_type() == param.scalar_type() && params[i].device() == param.device() &&
+                    params[i].is_contiguous(),
+                "fusedopt: param ", i, " must be a contiguous ", param.scalar_type(), " tensor on ",
+                param.device());
   TORCH_CHECK(step.device() == param.device() && step.scalar_type() == at::kFloat && step.dim() == 1 &&
                   step.is_contiguous(),
               "fusedopt: step must be a 1-D float32 tensor of per-parameter counters on the param's device");
@@ -414,12 +422,13 @@ struct StepInputs {
   GradsPlan plan;
 };
 
-StepInputs step_inputs(const at::Tensor& param, at::TensorList grads, const at::Tensor& segments,
+StepInputs step_inputs(at::TensorList params, at::TensorList grads, const at::Tensor& segments,
                        const std::optional<at::Tensor>& scheduled, int64_t num_scheduled,
                        const std::optional<at::Tensor>& grad_scale,
                        const std::optional<at::Tensor>& found_inf,
                        const std::optional<at::Tensor>& grad_multiplier, bool zero_grads) {
   StepInputs inputs;
+  const at::Tensor& param = params[0];
   inputs.found_inf = scalar_arg(found_inf, param.device(), "found_inf", inputs.keep_alive);
   if (scheduled.has_value()) {
     TORCH_CHECK(scheduled->numel() == num_scheduled, "fusedopt: scheduled must hold ", num_scheduled,
@@ -430,11 +439,11 @@ StepInputs step_inputs(const at::Tensor& param, at::TensorList grads, const at::
   }
   inputs.grad_scale = scalar_arg(grad_scale, param.device(), "grad_scale", inputs.keep_alive);
   inputs.grad_multiplier = scalar_arg(grad_multiplier, param.device(), "grad_multiplier", inputs.keep_alive);
-  inputs.plan = plan_grads(grads, segments, param.numel(), zero_grads);
+  inputs.plan = plan_rows(params, grads, segments, zero_grads);
   return inputs;
 }
 
-void adam_step_cuda(at::Tensor& param, at::Tensor& exp_avg, at::Tensor& exp_avg_sq,
+void adam_step_cuda(at::TensorList params, at::Tensor& exp_avg, at::Tensor& exp_avg_sq,
                     const std::optional<at::Tensor>& max_exp_avg_sq, at::Tensor& step, at::TensorList grads,
                     const at::Tensor& segments, double lr, const std::optional<at::Tensor>& scheduled,
                     double beta1, double beta2, double weight_decay, double eps, bool decoupled_weight_decay,
@@ -442,19 +451,21 @@ void adam_step_cuda(at::Tensor& param, at::Tensor& exp_avg, at::Tensor& exp_avg_
                     const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& grad_multiplier,
                     bool zero_grads, const std::optional<at::Tensor>& master_param,
                     const std::optional<at::Tensor>& rounding_seed) {
-  check_param_step_segments(param, step, grads, segments);
-  const at::ScalarType state_dtype = check_state_dtype(exp_avg, param);
-  check_flat(exp_avg, param, state_dtype, "exp_avg");
-  check_flat(exp_avg_sq, param, state_dtype, "exp_avg_sq");
+  check_param_step_segments(params, step, grads, segments);
+  const at::Tensor& param = params[0];
+  const at::ScalarType state_dtype = check_state_dtype(exp_avg, param.scalar_type());
+  const int64_t extent = exp_avg.numel();
+  check_flat(exp_avg, param.device(), state_dtype, extent, "exp_avg");
+  check_flat(exp_avg_sq, param.device(), state_dtype, extent, "exp_avg_sq");
   const bool amsgrad = max_exp_avg_sq.has_value();
-  if (amsgrad) check_flat(*max_exp_avg_sq, param, state_dtype, "max_exp_avg_sq");
-  float* master = check_master(master_param, param);
+  if (amsgrad) check_flat(*max_exp_avg_sq, param.device(), state_dtype, extent, "max_exp_avg_sq");
+  float* master = check_master(master_param, param.scalar_type(), param.device(), extent);
   const RoundingArg rounding = rounding_arg(rounding_seed, param.device(), master != nullptr);
   const c10::cuda::CUDAGuard guard(param.device());
   const int64_t num_segments = segments.size(0);
   if (num_segments == 0) return;
 
-  StepInputs inputs = step_inputs(param, grads, segments, scheduled, 3, grad_scale, found_inf,
+  StepInputs inputs = step_inputs(params, grads, segments, scheduled, 3, grad_scale, found_inf,
                                   grad_multiplier, zero_grads);
   GradsPlan& plan = inputs.plan;  // shape_launch sizes the walk to the grid
   const auto stream = at::cuda::getCurrentCUDAStream();
@@ -475,11 +486,10 @@ void adam_step_cuda(at::Tensor& param, at::Tensor& exp_avg, at::Tensor& exp_avg_
     dispatch_state_dtype<scalar_t>(state_dtype, [&](auto* state_tag) {
       using state_t = std::remove_pointer_t<decltype(state_tag)>;
       state_t* max_ptr = amsgrad ? max_exp_avg_sq->data_ptr<state_t>() : nullptr;
-      const bool aligned = is_16_byte_aligned(param.data_ptr()) && is_16_byte_aligned(exp_avg.data_ptr()) &&
-                           is_16_byte_aligned(exp_avg_sq.data_ptr()) && (!amsgrad || is_16_byte_aligned(max_ptr)) &&
-                           (master == nullptr || is_16_byte_aligned(master));
-      const AdamBuffers<scalar_t, state_t> buffers{param.data_ptr<scalar_t>(), master, exp_avg.data_ptr<state_t>(),
-                                                   exp_avg_sq.data_ptr<state_t>(), max_ptr, aligned};
+      const bool aligned = is_16_byte_aligned(exp_avg.data_ptr()) && is_16_byte_aligned(exp_avg_sq.data_ptr()) &&
+                           (!amsgrad || is_16_byte_aligned(max_ptr)) && (master == nullptr || is_16_byte_aligned(master));
+      const AdamBuffers<scalar_t, state_t> buffers{master, exp_avg.data_ptr<state_t>(), exp_avg_sq.data_ptr<state_t>(),
+                                                   max_ptr, aligned};
       auto launch = [&](auto amsgrad_tag, auto master_tag) {
         constexpr auto kernel =
             adam_kernel<scalar_t, state_t, decltype(amsgrad_tag)::value, decltype(master_tag)::value>;
@@ -495,25 +505,28 @@ void adam_step_cuda(at::Tensor& param, at::Tensor& exp_avg, at::Tensor& exp_avg_
   });
 }
 
-void sgd_step_cuda(at::Tensor& param, const std::optional<at::Tensor>& momentum_buffer, at::Tensor& step,
+void sgd_step_cuda(at::TensorList params, const std::optional<at::Tensor>& momentum_buffer, at::Tensor& step,
                    at::TensorList grads, const at::Tensor& segments, double lr,
                    const std::optional<at::Tensor>& scheduled, double momentum, double dampening,
                    double weight_decay, bool nesterov, bool maximize, const std::optional<at::Tensor>& grad_scale,
                    const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& grad_multiplier,
                    bool zero_grads, const std::optional<at::Tensor>& master_param,
                    const std::optional<at::Tensor>& rounding_seed) {
-  check_param_step_segments(param, step, grads, segments);
+  check_param_step_segments(params, step, grads, segments);
+  const at::Tensor& param = params[0];
   const bool has_momentum = momentum_buffer.has_value();
   const at::ScalarType state_dtype =
-      has_momentum ? check_state_dtype(*momentum_buffer, param) : param.scalar_type();
-  if (has_momentum) check_flat(*momentum_buffer, param, state_dtype, "momentum_buffer");
-  float* master = check_master(master_param, param);
+      has_momentum ? check_state_dtype(*momentum_buffer, param.scalar_type()) : param.scalar_type();
+  const int64_t extent = has_momentum ? momentum_buffer->numel() : 0;
+  if (has_momentum) check_flat(*momentum_buffer, param.device(), state_dtype, extent, "momentum_buffer");
+  float* master = check_master(master_param, param.scalar_type(), param.device(),
+                               has_momentum ? extent : (master_param ? master_param->numel() : 0));
   const RoundingArg rounding = rounding_arg(rounding_seed, param.device(), master != nullptr);
   const c10::cuda::CUDAGuard guard(param.device());
   const int64_t num_segments = segments.size(0);
   if (num_segments == 0) return;
 
-  StepInputs inputs = step_inputs(param, grads, segments, scheduled, 2, grad_scale, found_inf,
+  StepInputs inputs = step_inputs(params, grads, segments, scheduled, 2, grad_scale, found_inf,
                                   grad_multiplier, zero_grads);
   GradsPlan& plan = inputs.plan;  // shape_launch sizes the walk to the grid
   const auto stream = at::cuda::getCurrentCUDAStream();
@@ -534,9 +547,8 @@ void sgd_step_cuda(at::Tensor& param, const std::optional<at::Tensor>& momentum_
       using state_t = std::remove_pointer_t<decltype(state_tag)>;
       state_t* buffer_ptr = has_momentum ? momentum_buffer->data_ptr<state_t>() : nullptr;
       const SgdBuffers<scalar_t, state_t> buffers{
-          param.data_ptr<scalar_t>(), master, buffer_ptr,
-          is_16_byte_aligned(param.data_ptr()) && (!has_momentum || is_16_byte_aligned(buffer_ptr)) &&
-              (master == nullptr || is_16_byte_aligned(master))};
+          master, buffer_ptr,
+          (!has_momentum || is_16_byte_aligned(buffer_ptr)) && (master == nullptr || is_16_byte_aligned(master))};
       constexpr auto kernel = sgd_kernel<scalar_t, state_t, decltype(momentum_tag)::value,
                                          decltype(nesterov_tag)::value, decltype(master_tag)::value>;
       const int blocks = shape_launch(plan.walk, resident_blocks_per_sm<kernel>());
@@ -573,7 +585,7 @@ at::Tensor grad_norm_cuda(at::TensorList grads, const at::Tensor& segments, doub
   const auto out_options = segments.options().dtype(dtype == at::kDouble ? at::kDouble : at::kFloat);
   if (segments.size(0) == 0) return at::zeros({}, out_options);
 
-  GradsPlan plan = plan_grads(grads, segments, /*flat_numel=*/-1, /*zero_grads=*/false);
+  GradsPlan plan = plan_rows({}, grads, segments, /*zero_grads=*/false);
   if (plan.walk.space == 0) return at::zeros({}, out_options);
   const auto stream = at::cuda::getCurrentCUDAStream();
   at::Tensor out = at::empty({}, out_options);

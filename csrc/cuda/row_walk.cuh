@@ -91,7 +91,7 @@ struct GradRef {
   }
 };
 
-// Kernel argument describing the index space and where the grads are.
+// Kernel argument describing the index space and where the grads and params are.
 struct RowWalk {
   const int64_t* segments;
   int64_t num_segments;
@@ -99,7 +99,25 @@ struct RowWalk {
   int64_t per_warp;    // elements of the space per warp, a multiple of kWarpRangeGranule
   const int64_t* table;  // the per-row grad table, or nullptr for one flat grad buffer
   void* flat_grad;
+  // The params (segment_table.h): per row, its data pointer (uploaded with the grad
+  // table), or nullptr for a lone param, `lone_param`, of `lone_param_numel` elements.
+  const int64_t* param_table;
+  void* lone_param;
+  int64_t lone_param_numel;
 };
+
+// Row r's first param element: its own tensor's, or the lone param's (the flat param
+// buffer at the row's flat offset, unless it is the row's own: one row of its size).
+template <typename scalar_t>
+C10_DEVICE inline scalar_t* row_param(const RowWalk& walk, int64_t r, int64_t flat_offset) {
+  if (walk.param_table != nullptr) {
+    scalar_t* data = reinterpret_cast<scalar_t*>(walk.param_table[r]);
+    __builtin_assume(__isGlobal(data));
+    return data;
+  }
+  const bool own = walk.num_segments == 1 && walk.lone_param_numel == walk.segments[kNumel];
+  return static_cast<scalar_t*>(walk.lone_param) + (own ? 0 : flat_offset);
+}
 
 // This warp's part [begin, end) of the index space; empty past its end.
 struct WarpRange {
@@ -270,8 +288,9 @@ C10_DEVICE inline opmath_t param_value(scalar_t param, float master) {
 
 // Runs update(param, state_values, grad_value) in opmath over elements [j0, j1) of a
 // row, the warp's lanes taking consecutive packs; stores the param (and master) and the
-// state as storage dtypes, rounded as `rounding` says. `aligned` says every buffer's base
-// pointer is 16-byte aligned; packs are used where the row's first element allows, the
+// state as storage dtypes, rounded as `rounding` says. `aligned` says every state
+// buffer's base pointer is 16-byte aligned; packs are used where the row's first element
+// and its param (wherever it lives) allow, the
 // grad is loaded as packs only when it is aligned too, element by element otherwise
 // (unaligned views, strided grads). Zeroes each grad element after reading it when asked to.
 template <typename scalar_t, typename state_t, bool kMaster, int kStates, typename Update>
@@ -284,7 +303,7 @@ C10_DEVICE inline void update_row_elements(const RowState<scalar_t, state_t, kSt
   const bool stochastic = rounding.stochastic;
   const uint32_t key = stochastic ? rounding.key() : 0u;
   int64_t scalar_begin = j0;
-  if (aligned && (flat_offset + j0) % kVec == 0) {
+  if (aligned && (flat_offset + j0) % kVec == 0 && is_aligned_for<scalar_t, kVec>(row.param + j0)) {
     const bool vector_grad = grad.shape == nullptr && is_aligned_for<scalar_t, kVec>(grad.data + j0);
     scalar_begin = j0 + (j1 - j0) / kVec * kVec;
     for (int64_t j = j0 + int64_t(lane) * kVec; j < scalar_begin; j += int64_t(kWarpSize) * kVec) {
@@ -368,12 +387,11 @@ struct GradsPlan {
   at::Tensor table;
 };
 
-// Picks flat or per-row grads the way the CPU kernels do and, for per-row grads,
-// returns the device table, uploading it only when it differs from the last one
-// seen for these segments. `flat_numel` is the flat param buffer's numel, or -1 when
-// the op has no param (grad_norm). Reads no device memory.
-GradsPlan plan_grads(at::TensorList grads, const at::Tensor& segments, int64_t flat_numel,
-                     bool zero_grads);
+// Picks flat or per-row grads and params the way the CPU kernels do and, for per-row
+// ones, returns the device table, uploading it only when it differs from the last one
+// seen for these segments. `params` is empty for an op without params (grad_norm).
+// Reads no device memory.
+GradsPlan plan_rows(at::TensorList params, at::TensorList grads, const at::Tensor& segments, bool zero_grads);
 
 }  // namespace cuda
 }  // namespace fusedopt
