@@ -567,6 +567,17 @@ class FusedOptimizer(Optimizer):
                     raise ValueError(f"loaded state dict has '{key}' of shape {shape} for parameter "
                                      f"{index} of shape {tuple(p.shape)}")
 
+    def state_dict(self) -> dict[str, Any]:
+        """torch.optim's. Under FSDP2 each DTensor state value is a copy: the state of a
+        group's DTensor params shares one storage (its flat buffers), and torch can neither
+        save nor deep-copy several DTensors over one storage ("invalid python storage")."""
+        state_dict = super().state_dict()
+        if any(buf.has_shards for buf, _ in self._slots.values()):
+            state_dict["state"] = {index: {key: value.clone() if is_dtensor(value) else value
+                                           for key, value in entry.items()}
+                                   for index, entry in state_dict["state"].items()}
+        return state_dict
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch.optim's, in its order: pre-hooks, validation, loading (all or nothing:
         the new state is checked against the parameters before it replaces anything),

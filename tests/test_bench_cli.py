@@ -206,7 +206,9 @@ def test_quick_run_under_contention_writes_results(tmp_path):
 
     printed_header = completed.stdout.splitlines()[0]
     assert [c.strip() for c in printed_header.strip("|").split("|")] == bench.SUMMARY_COLUMNS
-    assert re.search(r"\| many-small \| adam .*\*\*\d+\.\d\dx\*\*", completed.stdout)
+    assert re.search(r"\| many-small +\| adam .*\*\*\d+\.\d\dx\*\*", completed.stdout)
+    # --quick also times the params in shared memory (updated where they live).
+    assert re.search(r"\| many-small, shared memory +\| adam .*\*\*\d+\.\d\dx\*\*", completed.stdout)
 
     results = json.loads((tmp_path / "results.json").read_text())
     assert list(results)[0] == "load"  # first thing a reader of the file sees
@@ -216,14 +218,15 @@ def test_quick_run_under_contention_writes_results(tmp_path):
     assert results["machine"]["cpu_kernels"].startswith("fusedopt._cpu_")
     assert results["machine"]["bandwidth"]["reference_gbps"] > 0
 
-    rows = {row["impl"]: row for row in results["results"]}
+    rows = {row["impl"]: row for row in results["results"] if row["model"] == "many-small"}
     assert set(rows) == {"torch for-loop", "torch foreach", "torch fused", "fusedopt",
                          "fusedopt (flat grads)"}  # nothing listed that was not timed
     for row in rows.values():
         assert row["ms"] > 0 and len(row["times_ms"]) == 3, row
         assert row["contention_processes"] == 1
     assert rows["torch fused"]["speedup_vs_torch_fused"] == pytest.approx(1.0)
-    (summary,) = results["summary"]
+    summary, shared = results["summary"]  # the params as tensors of their own, then in shared memory
+    assert shared["model"] == "many-small, shared memory" and shared["speedup"] > 0
     assert summary["speedup"] == pytest.approx(rows["torch fused"]["ms"] / rows["fusedopt"]["ms"])
 
     png = (tmp_path / "results.png").read_bytes()

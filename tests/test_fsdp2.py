@@ -9,6 +9,7 @@
   after every operation. tests/test_distributed.py runs FSDP2 on two ranks.
 """
 import copy
+import io
 import os
 import tempfile
 
@@ -183,11 +184,21 @@ class Fsdp2Differential(RuleBasedStateMachine):
                         value.mul_(factor)
         self.apply(op)
 
+    @rule(deep=st.booleans())
+    def self_load(self, deep):
+        def op(opt, model):
+            saved = opt.state_dict()
+            opt.load_state_dict(copy.deepcopy(saved) if deep else saved)
+        self.apply(op)
+
     @rule()
-    def self_load(self):
-        # Not deep-copied: torch's DTensor deepcopy fails for DTensors whose shards share
-        # one storage, as fusedopt's state of a group's rows does (README: FSDP2).
-        self.apply(lambda opt, model: opt.load_state_dict(opt.state_dict()))
+    def save_and_load(self):
+        def op(opt, model):
+            buffer = io.BytesIO()
+            torch.save(opt.state_dict(), buffer)
+            buffer.seek(0)
+            opt.load_state_dict(torch.load(buffer, weights_only=False))
+        self.apply(op)
 
     @rule()
     def load_torchs_checkpoint(self):
@@ -217,7 +228,7 @@ class Fsdp2Differential(RuleBasedStateMachine):
                    {k: v for k, v in theirs.items() if k != "params"}
 
 
-SETTINGS = settings(max_examples=15, stateful_step_count=25, deadline=None, derandomize=True, database=None,
+SETTINGS = settings(max_examples=25, stateful_step_count=30, deadline=None, derandomize=True, database=None,
                     suppress_health_check=[HealthCheck.too_slow], print_blob=False)
 
 
