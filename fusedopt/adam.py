@@ -83,7 +83,7 @@ class Adam(FusedOptimizer):
             lr, scheduled, beta1, beta2,
             hyperparameter(group["weight_decay"]), group["eps"], group["decoupled_weight_decay"],
             group["maximize"], transform.grad_scale, transform.found_inf, transform.grad_multiplier,
-            transform.zero_grads, buf.state_buffer(MASTER_KEY) if group["master_weights"] else None,
+            transform.zero_grads, buf.state_buffer(MASTER_KEY) if group.get("master_weights") else None,
             self._rounding_seed(group, buf))
 
 

@@ -26,11 +26,22 @@ SUPPORTED_DEVICE_TYPES = ("cpu", "cuda", "meta")  # meta: shapes only, as torch.
 STATE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # optimizer.state key of the float32 master copy of a bf16/fp16 param (master_weights=True).
 MASTER_KEY = "master_param"
-# The low-precision hyperparameters, with their defaults (torch.optim's trajectory).
+# The low-precision hyperparameters, with their defaults (torch.optim's trajectory). A param
+# group holds one only where it differs from its default, so that at default options
+# param_groups and state_dict() are torch.optim's key for key: torch.distributed.checkpoint
+# loads into the keys of the optimizer it loads into, and a torch.optim checkpoint lacks
+# these. Read them with group.get(key, default); ``defaults`` records them all.
 LOW_PRECISION_DEFAULTS = {"state_dtype": None, "master_weights": False, "stochastic_rounding": False}
 # A row's record (Part.synced) while optimizer.state holds state for it that fusedopt has
 # not adopted yet: an entry of its own, so no entry, not even none, matches it.
 NOT_ADOPTED = (object(),)
+
+
+def drop_default_options(group: dict[str, Any]) -> None:
+    """Removes from a param group the low-precision options that hold their default."""
+    for key, default in LOW_PRECISION_DEFAULTS.items():
+        if key in group and group[key] is default:
+            del group[key]
 
 
 def check_state_dtype(state_dtype: Any) -> None:
@@ -200,18 +211,26 @@ class FusedOptimizer(Optimizer):
         # the new state is checked against the parameters before anything is replaced.
         if "state" in state and "param_groups" in state:
             self._check_state_fits(state["state"], state["param_groups"])
+        current = self.__dict__.get("param_groups")  # None when unpickled or deep-copied
+        if current is not None and "param_groups" in state and len(current) == len(state["param_groups"]):
+            # A loaded group without fusedopt's options (one torch.optim saved, or one at
+            # their defaults) keeps this optimizer's.
+            for group, old in zip(state["param_groups"], current):
+                for key in LOW_PRECISION_DEFAULTS:
+                    if key not in group and key in old:
+                        group[key] = old[key]
         super().__setstate__(state)
         self.__dict__.setdefault("_plans", [])
         self.__dict__.setdefault("_slots", {})
         self.__dict__.setdefault("_pending_grad_multiplier", None)
         self.__dict__.setdefault("_have_grad_buffers", False)
-        for group in self.param_groups:
-            for key, default in LOW_PRECISION_DEFAULTS.items():
-                group.setdefault(key, default)
+        for group in self.param_groups:  # checkpoints of fusedopt 0.1.0 hold them all
+            drop_default_options(group)
 
     # --- param groups -----------------------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
+        drop_default_options(self.param_groups[-1])  # set from ``defaults`` by torch
         try:
             self._check_params(self.param_groups[-1]["params"])
             check_low_precision_group(self.param_groups[-1], self.param_groups[-1]["params"])
@@ -581,6 +600,14 @@ class FusedOptimizer(Optimizer):
                     raise ValueError(f"loaded state dict has '{key}' of shape {shape} for parameter "
                                      f"{index} of shape {tuple(p.shape)}")
 
+    def state_dict(self) -> dict[str, Any]:
+        """torch.optim's, key for key: fusedopt's low-precision options appear in a group
+        only where they differ from their defaults (one set back to its default in
+        ``param_groups`` is removed there first)."""
+        for group in self.param_groups:
+            drop_default_options(group)
+        return super().state_dict()
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch.optim's, in its order: pre-hooks, validation, loading (all or nothing:
         the new state is checked against the parameters before it replaces anything),
@@ -590,7 +617,7 @@ class FusedOptimizer(Optimizer):
         Unlike torch.optim, state tensors keep their dtype (bf16 moments, the float32
         master copy; torch.optim casts every state tensor to its param's dtype), and a
         checkpoint group without fusedopt's low-precision options (one torch.optim
-        saved) keeps this optimizer's."""
+        saved, or fusedopt's at their defaults) keeps this optimizer's."""
         saved_groups = state_dict["param_groups"]
         # The saved ids name the current params in order, as torch.optim maps them.
         param_of = dict(zip((i for g in saved_groups for i in g["params"]),
@@ -599,12 +626,7 @@ class FusedOptimizer(Optimizer):
                       if isinstance(entry, dict) and i in param_of for key, value in entry.items()
                       if key != "step" and torch.is_tensor(value) and value.is_floating_point()
                       and value.dtype != param_of[i].dtype]
-        current = [{k: g[k] for k in LOW_PRECISION_DEFAULTS if k in g} for g in self.param_groups]
         super().load_state_dict(state_dict)
-        for group, saved, options in zip(self.param_groups, saved_groups, current):
-            for key, value in options.items():
-                if key not in saved:
-                    group[key] = value
         for p, key, value in kept_dtype:
             entry = self.state.get(p)
             if entry is not None and torch.is_tensor(entry.get(key)) and entry[key].dtype != value.dtype:
