@@ -618,19 +618,25 @@ class FusedOptimizer(Optimizer):
         master copy; torch.optim casts every state tensor to its param's dtype), and a
         checkpoint group without fusedopt's low-precision options (one torch.optim
         saved, or fusedopt's at their defaults) keeps this optimizer's."""
-        saved_groups = state_dict["param_groups"]
+        loaded: dict[str, Any] = {}
+        # The checkpoint as the user's pre-hooks leave it (this one runs last).
+        handle = self.register_load_state_dict_pre_hook(lambda _, checkpoint: loaded.update(checkpoint))
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            handle.remove()
         # The saved ids name the current params in order, as torch.optim maps them.
-        param_of = dict(zip((i for g in saved_groups for i in g["params"]),
+        param_of = dict(zip((i for g in loaded["param_groups"] for i in g["params"]),
                             (p for g in self.param_groups for p in g["params"])))
-        kept_dtype = [(param_of[i], key, value) for i, entry in state_dict["state"].items()
-                      if isinstance(entry, dict) and i in param_of for key, value in entry.items()
-                      if key != "step" and torch.is_tensor(value) and value.is_floating_point()
-                      and value.dtype != param_of[i].dtype]
-        super().load_state_dict(state_dict)
-        for p, key, value in kept_dtype:
-            entry = self.state.get(p)
-            if entry is not None and torch.is_tensor(entry.get(key)) and entry[key].dtype != value.dtype:
-                entry[key] = value.detach().to(device=entry[key].device, copy=True)
+        for i, saved in loaded["state"].items():
+            entry = self.state.get(param_of.get(i))
+            if not isinstance(saved, dict) or not entry:
+                continue
+            for key, value in saved.items():
+                cast = entry.get(key)
+                if (key != "step" and torch.is_tensor(value) and value.is_floating_point()
+                        and torch.is_tensor(cast) and cast.dtype != value.dtype):
+                    entry[key] = value.detach().to(device=cast.device, copy=True)
         if self._tracks_public_state:
             self._sync_state(self._checked_parts(check_grads=False), stepping=False)
 

@@ -382,3 +382,26 @@ def test_load_post_hook_sees_the_options_a_torch_checkpoint_leaves_to_the_optimi
     opt.load_state_dict(ref.state_dict())
     assert seen == [[torch.bfloat16, torch.bfloat16]]
 
+
+@pytest.mark.parametrize("algo,options", [("SGD", {"momentum": 0.9}), ("AdamW", {})], ids=["SGD", "AdamW"])
+def test_load_pre_hook_that_returns_another_checkpoint_loads_that_one_as_torch(algo, options):
+    """torch.optim loads what its load_state_dict pre-hooks return. The checkpoint passed in
+    (bf16 state saved by fusedopt) must leave no trace: fusedopt read its state's dtypes
+    before the hooks ran and wrote its tensors over the hook's."""
+    params = make_params(SHAPES)
+    bf16 = getattr(fusedopt, algo)([{"params": params[:3]}, {"params": params[3:]}], lr=0.01,
+                                   state_dtype=torch.bfloat16, **options)
+    for step in range(2):
+        set_grads(params, random_grads(params, 50 + step))
+        bf16.step()
+    passed_in = bf16.state_dict()
+    _, pair = _run_pair(algo, options)
+    returned = _save_load(pair.ref.state_dict())
+    loaded = []
+    for lib in (torch.optim, fusedopt):
+        loading = clone_params(pair.fused_params)
+        opt = getattr(lib, algo)([{**g, "params": [loading[i] for i in g["params"]]} for g in GROUPS], lr=0.5)
+        opt.register_load_state_dict_pre_hook(lambda o, sd: copy.deepcopy(returned))
+        opt.load_state_dict(passed_in)
+        loaded.append(opt)
+    assert_same_tree(loaded[1].state_dict(), loaded[0].state_dict())
