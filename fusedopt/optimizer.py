@@ -637,8 +637,14 @@ class FusedOptimizer(Optimizer):
                 if (key != "step" and torch.is_tensor(value) and value.is_floating_point()
                         and torch.is_tensor(cast) and cast.dtype != value.dtype):
                     entry[key] = value.detach().to(device=cast.device, copy=True)
-        if self._tracks_public_state:
+        # A group that lacks hyperparameters of this optimizer (an Adam checkpoint loaded
+        # into SGD) loads as into torch.optim, whose step then raises their KeyError: its
+        # state is read at the step.
+        if self._tracks_public_state and all(map(self._has_hyperparameters, self.param_groups)):
             self._sync_state(self._checked_parts(check_grads=False), stepping=False)
+
+    def _has_hyperparameters(self, group: dict[str, Any]) -> bool:
+        return all(key in group for key in self.defaults if key not in LOW_PRECISION_DEFAULTS)
 
     # --- grads ------------------------------------------------------------------------
     @torch._disable_dynamo  # as torch.optim's: always eager, also inside a compiled function
