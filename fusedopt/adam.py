@@ -63,6 +63,12 @@ class Adam(FusedOptimizer):
             group.setdefault("differentiable", False)
             group.setdefault("decoupled_weight_decay", False)
             group.setdefault("fused", None)
+            for p in group["params"]:
+                # As torch.optim.Adam: a step saved as a number becomes a tensor (checked
+                # to be one by _check_state_fits before anything changed).
+                entry = self.state.get(p)
+                if entry and not torch.is_tensor(entry["step"]):
+                    entry["step"] = torch.tensor(float(entry["step"]), dtype=torch.float32)
 
     def _algorithm_state_keys(self, group):
         return self._state_keys if group["amsgrad"] else self._state_keys[:3]

@@ -178,7 +178,8 @@ class FusedOptimizer(Optimizer):
     _state_keys: tuple[str, ...] = ()
     # The same and fusedopt's own (checked on load, loaded by ShardedOptimizer).
     _all_state_keys: tuple[str, ...] = (MASTER_KEY,)
-    # Keys torch.optim requires in a non-empty state entry when it loads a checkpoint.
+    # Keys torch.optim requires in a non-empty state entry when it loads a checkpoint, and
+    # reads as numbers.
     _keys_required_on_load: tuple[str, ...] = ()
     _sparse_grad_message = "fusedopt does not support sparse gradients"
     # Whether optimizer.state is checked every step and re-synchronised into the buffers.
@@ -589,6 +590,10 @@ class FusedOptimizer(Optimizer):
             for key in self._keys_required_on_load:
                 if key not in entry:
                     raise KeyError(key)
+                if not torch.is_tensor(entry[key]):
+                    # torch.optim's __setstate__ makes a tensor of float(value): its
+                    # TypeError (a step of None) or ValueError, but before any change.
+                    float(entry[key])
             for key, value in entry.items():
                 if key not in self._all_state_keys or value is None:
                     continue

@@ -143,6 +143,39 @@ def test_adam_checkpoint_loads_into_sgd_as_into_torch_and_its_step_raises_keyerr
     assert list(fused.state_dict()["state"][0]) == [*checkpoint["state"][0], "momentum_buffer"]
 
 
+@pytest.mark.parametrize("step", [None, [3.0], 3, 3.0], ids=["None", "list", "int", "float"])
+@pytest.mark.parametrize("algo", ["Adam", "AdamW"])
+def test_checkpoint_step_that_is_not_a_tensor_is_read_as_torch_adam_reads_it(algo, step):
+    """torch.optim.Adam's load makes a tensor of float(step): a step of None (or a list)
+    raises its TypeError after it replaced its state and param_groups (half-applied);
+    fusedopt raises the same before anything changes, where it used to take None as a
+    fresh state. A number loads as torch loads it."""
+    checkpoint = build(algo, "torch", make_params(SHAPES))
+    trained(checkpoint, checkpoint.param_groups[0]["params"])
+    state_dict = checkpoint.state_dict()
+    state_dict["state"][1]["step"] = step
+    state_dict["param_groups"][0]["lr"] = 0.125
+    errors = []
+
+    def program(opt, params):
+        trained(opt, params)
+        before = copy.deepcopy(opt.state_dict())
+        try:
+            opt.load_state_dict(copy.deepcopy(state_dict))
+            errors.append(None)
+        except TypeError as error:
+            errors.append(error)
+            if isinstance(opt, fusedopt.Adam):
+                assert_same_tree(opt.state_dict(), before)
+            else:  # torch.optim has taken the new lr and state: back to where fusedopt stayed
+                opt.load_state_dict(before)
+        trained(opt, params, first=3)
+    (ref, _), (fused, _) = run_both(algo, program)
+    assert (errors[0] is None) == (step not in (None, [3.0]))
+    assert [(type(e), str(e)) for e in errors[1:]] == [(type(e), str(e)) for e in errors[:1]]
+    assert_same_tree(fused.state_dict(), ref.state_dict())
+
+
 @pytest.mark.parametrize("algo", ALGOS)
 def test_load_state_dict_pre_hook_runs_before_validation(algo):
     """A pre-hook may re-map a checkpoint (torch's documented use): validation sees its result."""
