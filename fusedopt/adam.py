@@ -63,6 +63,12 @@ class Adam(FusedOptimizer):
             group.setdefault("differentiable", False)
             group.setdefault("decoupled_weight_decay", False)
             group.setdefault("fused", None)
+            for p in group["params"]:
+                # As torch.optim.Adam: a step saved as a number becomes a tensor (checked
+                # to be one by _check_state_fits before anything changed).
+                entry = self.state.get(p)
+                if entry and not torch.is_tensor(entry["step"]):
+                    entry["step"] = torch.tensor(float(entry["step"]), dtype=torch.float32)
 
     def _algorithm_state_keys(self, group):
         return self._state_keys if group["amsgrad"] else self._state_keys[:3]
@@ -83,7 +89,7 @@ class Adam(FusedOptimizer):
             lr, scheduled, beta1, beta2,
             hyperparameter(group["weight_decay"]), group["eps"], group["decoupled_weight_decay"],
             group["maximize"], transform.grad_scale, transform.found_inf, transform.grad_multiplier,
-            transform.zero_grads, buf.state_buffer(MASTER_KEY) if group["master_weights"] else None,
+            transform.zero_grads, buf.state_buffer(MASTER_KEY) if group.get("master_weights") else None,
             self._rounding_seed(group, buf))
 
 

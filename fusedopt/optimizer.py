@@ -26,11 +26,22 @@ SUPPORTED_DEVICE_TYPES = ("cpu", "cuda", "meta")  # meta: shapes only, as torch.
 STATE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # optimizer.state key of the float32 master copy of a bf16/fp16 param (master_weights=True).
 MASTER_KEY = "master_param"
-# The low-precision hyperparameters, with their defaults (torch.optim's trajectory).
+# The low-precision hyperparameters, with their defaults (torch.optim's trajectory). A param
+# group holds one only where it differs from its default, so that at default options
+# param_groups and state_dict() are torch.optim's key for key: torch.distributed.checkpoint
+# loads into the keys of the optimizer it loads into, and a torch.optim checkpoint lacks
+# these. Read them with group.get(key, default); ``defaults`` records them all.
 LOW_PRECISION_DEFAULTS = {"state_dtype": None, "master_weights": False, "stochastic_rounding": False}
 # A row's record (Part.synced) while optimizer.state holds state for it that fusedopt has
 # not adopted yet: an entry of its own, so no entry, not even none, matches it.
 NOT_ADOPTED = (object(),)
+
+
+def drop_default_options(group: dict[str, Any]) -> None:
+    """Removes from a param group the low-precision options that hold their default."""
+    for key, default in LOW_PRECISION_DEFAULTS.items():
+        if key in group and group[key] is default:
+            del group[key]
 
 
 def check_state_dtype(state_dtype: Any) -> None:
@@ -167,7 +178,8 @@ class FusedOptimizer(Optimizer):
     _state_keys: tuple[str, ...] = ()
     # The same and fusedopt's own (checked on load, loaded by ShardedOptimizer).
     _all_state_keys: tuple[str, ...] = (MASTER_KEY,)
-    # Keys torch.optim requires in a non-empty state entry when it loads a checkpoint.
+    # Keys torch.optim requires in a non-empty state entry when it loads a checkpoint, and
+    # reads as numbers.
     _keys_required_on_load: tuple[str, ...] = ()
     _sparse_grad_message = "fusedopt does not support sparse gradients"
     # Whether optimizer.state is checked every step and re-synchronised into the buffers.
@@ -200,18 +212,26 @@ class FusedOptimizer(Optimizer):
         # the new state is checked against the parameters before anything is replaced.
         if "state" in state and "param_groups" in state:
             self._check_state_fits(state["state"], state["param_groups"])
+        current = self.__dict__.get("param_groups")  # None when unpickled or deep-copied
+        if current is not None and "param_groups" in state and len(current) == len(state["param_groups"]):
+            # A loaded group without fusedopt's options (one torch.optim saved, or one at
+            # their defaults) keeps this optimizer's.
+            for group, old in zip(state["param_groups"], current):
+                for key in LOW_PRECISION_DEFAULTS:
+                    if key not in group and key in old:
+                        group[key] = old[key]
         super().__setstate__(state)
         self.__dict__.setdefault("_plans", [])
         self.__dict__.setdefault("_slots", {})
         self.__dict__.setdefault("_pending_grad_multiplier", None)
         self.__dict__.setdefault("_have_grad_buffers", False)
-        for group in self.param_groups:
-            for key, default in LOW_PRECISION_DEFAULTS.items():
-                group.setdefault(key, default)
+        for group in self.param_groups:  # checkpoints of fusedopt 0.1.0 hold them all
+            drop_default_options(group)
 
     # --- param groups -----------------------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
+        drop_default_options(self.param_groups[-1])  # set from ``defaults`` by torch
         try:
             self._check_params(self.param_groups[-1]["params"])
             check_low_precision_group(self.param_groups[-1], self.param_groups[-1]["params"])
@@ -556,6 +576,10 @@ class FusedOptimizer(Optimizer):
             for key in self._keys_required_on_load:
                 if key not in entry:
                     raise KeyError(key)
+                if not torch.is_tensor(entry[key]):
+                    # torch.optim's __setstate__ makes a tensor of float(value): its
+                    # TypeError (a step of None) or ValueError, but before any change.
+                    float(entry[key])
             for key, value in entry.items():
                 if key not in self._all_state_keys or value is None:
                     continue
@@ -568,9 +592,14 @@ class FusedOptimizer(Optimizer):
                                      f"{index} of shape {tuple(p.shape)}")
 
     def state_dict(self) -> dict[str, Any]:
-        """torch.optim's. Under FSDP2 each DTensor state value is a copy: the state of a
-        group's DTensor params shares one storage (its flat buffers), and torch can neither
-        save nor deep-copy several DTensors over one storage ("invalid python storage")."""
+        """torch.optim's, key for key: fusedopt's low-precision options appear in a group
+        only where they differ from their defaults (one set back to its default in
+        ``param_groups`` is removed there first). Under FSDP2 each DTensor state value is a
+        copy: the state of a group's DTensor params shares one storage (its flat buffers),
+        and torch can neither save nor deep-copy several DTensors over one storage
+        ("invalid python storage")."""
+        for group in self.param_groups:
+            drop_default_options(group)
         state_dict = super().state_dict()
         if any(buf.has_shards for buf, _ in self._slots.values()):
             state_dict["state"] = {index: {key: value.clone() if is_dtensor(value) else value
@@ -587,27 +616,34 @@ class FusedOptimizer(Optimizer):
         Unlike torch.optim, state tensors keep their dtype (bf16 moments, the float32
         master copy; torch.optim casts every state tensor to its param's dtype), and a
         checkpoint group without fusedopt's low-precision options (one torch.optim
-        saved) keeps this optimizer's."""
-        saved_groups = state_dict["param_groups"]
+        saved, or fusedopt's at their defaults) keeps this optimizer's."""
+        loaded: dict[str, Any] = {}
+        # The checkpoint as the user's pre-hooks leave it (this one runs last).
+        handle = self.register_load_state_dict_pre_hook(lambda _, checkpoint: loaded.update(checkpoint))
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            handle.remove()
         # The saved ids name the current params in order, as torch.optim maps them.
-        param_of = dict(zip((i for g in saved_groups for i in g["params"]),
+        param_of = dict(zip((i for g in loaded["param_groups"] for i in g["params"]),
                             (p for g in self.param_groups for p in g["params"])))
-        kept_dtype = [(param_of[i], key, value) for i, entry in state_dict["state"].items()
-                      if isinstance(entry, dict) and i in param_of for key, value in entry.items()
-                      if key != "step" and torch.is_tensor(value) and value.is_floating_point()
-                      and value.dtype != param_of[i].dtype]
-        current = [{k: g[k] for k in LOW_PRECISION_DEFAULTS if k in g} for g in self.param_groups]
-        super().load_state_dict(state_dict)
-        for group, saved, options in zip(self.param_groups, saved_groups, current):
-            for key, value in options.items():
-                if key not in saved:
-                    group[key] = value
-        for p, key, value in kept_dtype:
-            entry = self.state.get(p)
-            if entry is not None and torch.is_tensor(entry.get(key)) and entry[key].dtype != value.dtype:
-                entry[key] = value.detach().to(device=entry[key].device, copy=True)
-        if self._tracks_public_state:
+        for i, saved in loaded["state"].items():
+            entry = self.state.get(param_of.get(i))
+            if not isinstance(saved, dict) or not entry:
+                continue
+            for key, value in saved.items():
+                cast = entry.get(key)
+                if (key != "step" and torch.is_tensor(value) and value.is_floating_point()
+                        and torch.is_tensor(cast) and cast.dtype != value.dtype):
+                    entry[key] = value.detach().to(device=cast.device, copy=True)
+        # A group that lacks hyperparameters of this optimizer (an Adam checkpoint loaded
+        # into SGD) loads as into torch.optim, whose step then raises their KeyError: its
+        # state is read at the step.
+        if self._tracks_public_state and all(map(self._has_hyperparameters, self.param_groups)):
             self._sync_state(self._checked_parts(check_grads=False), stepping=False)
+
+    def _has_hyperparameters(self, group: dict[str, Any]) -> bool:
+        return all(key in group for key in self.defaults if key not in LOW_PRECISION_DEFAULTS)
 
     # --- grads ------------------------------------------------------------------------
     @torch._disable_dynamo  # as torch.optim's: always eager, also inside a compiled function

@@ -70,7 +70,7 @@ class SGD(FusedOptimizer):
             segments, lr, scheduled, momentum, hyperparameter(group["dampening"]),
             hyperparameter(group["weight_decay"]), group["nesterov"], group["maximize"],
             transform.grad_scale, transform.found_inf, transform.grad_multiplier, transform.zero_grads,
-            buf.state_buffer(MASTER_KEY) if group["master_weights"] else None, self._rounding_seed(group, buf))
+            buf.state_buffer(MASTER_KEY) if group.get("master_weights") else None, self._rounding_seed(group, buf))
 
     def _adopted(self, buf, row, values):
         # A momentum buffer given through optimizer.state is a started one; None or none

@@ -165,10 +165,38 @@ def _same_value(a, b):
 
 
 def torch_keys(group) -> set:
-    """A fusedopt param group's keys but fusedopt's own options (state_dtype, master_weights,
-    stochastic_rounding), which torch.optim's groups do not have."""
+    """A fusedopt ``defaults``' keys but fusedopt's own options (state_dtype, master_weights,
+    stochastic_rounding), which torch.optim's do not have (a param group holds them only
+    where they differ from their defaults)."""
     from fusedopt.optimizer import LOW_PRECISION_DEFAULTS
     return set(group) - set(LOW_PRECISION_DEFAULTS)
+
+
+def assert_same_tree(actual, expected, what="state_dict"):
+    """``actual`` is ``expected`` key for key, in the same order, all the way down (what
+    torch.distributed.checkpoint needs: it loads into the destination's keys); tensors of
+    the same shape and dtype, close as in assert_tensor_matches (a ``step`` exactly),
+    everything else equal and of the same type."""
+    if isinstance(expected, dict):
+        assert isinstance(actual, dict), f"{what}: a {type(actual).__name__}, torch's is a dict"
+        assert list(actual) == list(expected), f"{what}: keys {list(actual)} != torch's {list(expected)}"
+        for key, value in expected.items():
+            assert_same_tree(actual[key], value, f"{what}[{key!r}]")
+    elif isinstance(expected, (list, tuple)):
+        assert type(actual) is type(expected) and len(actual) == len(expected), \
+            f"{what}: {actual!r} != torch's {expected!r}"
+        for i, (a, e) in enumerate(zip(actual, expected)):
+            assert_same_tree(a, e, f"{what}[{i}]")
+    elif torch.is_tensor(expected):
+        assert torch.is_tensor(actual), f"{what}: a {type(actual).__name__}, torch's is a tensor"
+        assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != torch's {expected.dtype}"
+        if what.endswith("['step']"):
+            assert actual.shape == expected.shape and torch.equal(actual, expected), \
+                f"{what}: {actual} != torch's {expected}"
+        else:
+            assert_tensor_matches(actual, expected, what)
+    else:
+        assert type(actual) is type(expected) and actual == expected, f"{what}: {actual!r} != torch's {expected!r}"
 
 
 def assert_param_groups_match(ref_opt, fused_opt, ref_params, fused_params):
@@ -178,7 +206,7 @@ def assert_param_groups_match(ref_opt, fused_opt, ref_params, fused_params):
     fused_index = {id(p): i for i, p in enumerate(fused_params)}
     assert len(fused_opt.param_groups) == len(ref_opt.param_groups)
     for gi, (rg, fg) in enumerate(zip(ref_opt.param_groups, fused_opt.param_groups)):
-        assert torch_keys(fg) == set(rg), f"group {gi}: keys {sorted(fg)} != torch's {sorted(rg)}"
+        assert set(fg) == set(rg), f"group {gi}: keys {sorted(fg)} != torch's {sorted(rg)}"
         for key in rg:
             if key == "params":
                 assert [fused_index.get(id(p)) for p in fg["params"]] == \

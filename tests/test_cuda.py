@@ -451,7 +451,7 @@ def test_low_precision_modes_match_cpu(algo, mode):
                 p.grad = g.to(p.device)
             # The same seed on both devices (each would draw from its own generator).
             optimizer._rounding_seed = lambda group, buf, step=step: (
-                torch.tensor([1234 + step]) if group["stochastic_rounding"] else None)
+                torch.tensor([1234 + step]) if group.get("stochastic_rounding") else None)
             optimizer.step()
     for i, (c, g) in enumerate(zip(cpu, gpu)):
         pairs = [(g.detach(), c.detach(), f"param {i}")]

@@ -96,7 +96,7 @@ def test_params_forms_torch_accepts_are_accepted(case, algo):
     arrange = ACCEPTED_PARAMS_CASES[case]
     ref = getattr(torch.optim, algo)(arrange(_params()), lr=0.1)
     fused = getattr(fusedopt, algo)(arrange(_params()), lr=0.1)
-    assert [{k: g[k] for k in torch_keys(g) if k != "params"} for g in fused.param_groups] == \
+    assert [{k: v for k, v in g.items() if k != "params"} for g in fused.param_groups] == \
         [{k: v for k, v in g.items() if k != "params"} for g in ref.param_groups]
     assert [[tuple(p.shape) for p in g["params"]] for g in fused.param_groups] == \
         [[tuple(p.shape) for p in g["params"]] for g in ref.param_groups]
@@ -180,7 +180,7 @@ def test_defaults_and_implementation_flags_recorded_like_torch(algo, flags):
     ref = getattr(torch.optim, algo)(_params(), **flags)
     fused = getattr(fusedopt, algo)(_params(), **flags)
     assert {k: fused.defaults[k] for k in torch_keys(fused.defaults)} == ref.defaults
-    assert [{k: g[k] for k in torch_keys(g) if k != "params"} for g in fused.param_groups] == \
+    assert [{k: v for k, v in g.items() if k != "params"} for g in fused.param_groups] == \
         [{k: v for k, v in g.items() if k != "params"} for g in ref.param_groups]
     assert {k: type(fused.defaults[k]) for k in torch_keys(fused.defaults)} == \
         {k: type(v) for k, v in ref.defaults.items()}

@@ -26,6 +26,13 @@ def one_thread():
     torch.set_num_threads(threads)
 
 # --- Hugging Face Trainer ------------------------------------------------------------------
+def hugging_face():
+    """transformers, whose Trainer needs accelerate (both in requirements-frameworks.txt):
+    a test that needs them skips where they are not installed."""
+    pytest.importorskip("accelerate")
+    return pytest.importorskip("transformers")
+
+
 HF_STEPS, HF_CHECKPOINT_STEP = 24, 10  # the checkpoint falls mid-epoch (12 batches an epoch)
 
 
@@ -44,7 +51,7 @@ def hf_train(make_optimizer, out, *, bf16=False, resume_from_checkpoint=None):
     """A tiny GPT-2 (random weights, tied embeddings) trained by Trainer with the given
     optimizer and a warmup-then-linear schedule; returns (final params, the losses of every
     step, steps this call ran)."""
-    transformers = pytest.importorskip("transformers")
+    transformers = hugging_face()
     config = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=256, n_positions=32,
                                      bos_token_id=0, eos_token_id=0)
     torch.manual_seed(0)
@@ -105,6 +112,8 @@ CLIP = 0.5  # below every step's grad norm here: clipping acts on each step
 
 
 def lightning():
+    """A test that needs Lightning (requirements-frameworks.txt) skips where it is not
+    installed: call this before anything imports from it."""
     return pytest.importorskip("lightning")
 
 
@@ -169,6 +178,7 @@ def lightning_fit(make_optimizer, root, *, epochs=3, ckpt_path=None, checkpoint_
 def torch_precision(precision, scaler=None):
     """What a torch.optim user passes: the precision string, except that Lightning turns
     '16-mixed' into bf16 on the CPU, so float16 with a GradScaler needs its plugin."""
+    lightning()
     if precision == "16-mixed":
         from lightning.pytorch.plugins.precision import MixedPrecision
         return dict(plugins=[MixedPrecision("16-mixed", "cpu", scaler)])
@@ -176,6 +186,7 @@ def torch_precision(precision, scaler=None):
 
 
 def fused_precision(precision, scaler=None):
+    lightning()
     if precision == "32-true":
         return dict(precision=precision)
     from fusedopt.lightning import MixedPrecision

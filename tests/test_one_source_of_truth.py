@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import fusedopt
-from conftest import ALGOS, assert_optimizers_match, default_kwargs, make_params, random_grads
+from conftest import ALGOS, assert_optimizers_match, assert_same_tree, default_kwargs, make_params, random_grads
 
 OPTIONS = {"SGD": dict(momentum=0.9, dampening=0.1, weight_decay=0.01),
            "Adam": dict(weight_decay=0.01, amsgrad=True), "AdamW": dict(weight_decay=0.01)}
@@ -115,6 +115,65 @@ def test_sgd_checkpoint_into_adam_raises_keyerror_and_changes_nothing(algo):
     with pytest.raises(KeyError, match="step"):
         opt.load_state_dict(sgd.state_dict())
     torch.testing.assert_close(opt.state_dict(), before)  # torch.optim would have replaced its state
+
+
+@pytest.mark.parametrize("stepped", [False, True], ids=["fresh_sgd", "stepped_sgd"])
+def test_adam_checkpoint_loads_into_sgd_as_into_torch_and_its_step_raises_keyerror(stepped):
+    """torch.optim.SGD takes an Adam checkpoint: its groups (no momentum) and its state
+    (step, exp_avg, exp_avg_sq) replace SGD's, and its step raises KeyError('momentum')
+    before any update. fusedopt raised that KeyError from load_state_dict, after it had
+    replaced its state. Given SGD's hyperparameters back, both train on alike, the Adam
+    keys kept in the state beside the new momentum buffers."""
+    adam = build("Adam", "torch", make_params(SHAPES))
+    trained(adam, adam.param_groups[0]["params"])
+    checkpoint = adam.state_dict()
+
+    def program(opt, params):
+        if stepped:
+            trained(opt, params)
+        opt.load_state_dict(copy.deepcopy(checkpoint))  # no error, as torch
+        before = [p.detach().clone() for p in params]
+        with pytest.raises(KeyError, match="momentum"):
+            step_with(opt, params, 5)
+        assert all(torch.equal(p, b) for p, b in zip(params, before))
+        opt.param_groups[0].update(momentum=0.9, dampening=0.0)
+        trained(opt, params, first=6)
+    (ref, _), (fused, _) = run_both("SGD", program)
+    assert_same_tree(fused.state_dict(), ref.state_dict())
+    assert list(fused.state_dict()["state"][0]) == [*checkpoint["state"][0], "momentum_buffer"]
+
+
+@pytest.mark.parametrize("step", [None, [3.0], 3, 3.0], ids=["None", "list", "int", "float"])
+@pytest.mark.parametrize("algo", ["Adam", "AdamW"])
+def test_checkpoint_step_that_is_not_a_tensor_is_read_as_torch_adam_reads_it(algo, step):
+    """torch.optim.Adam's load makes a tensor of float(step): a step of None (or a list)
+    raises its TypeError after it replaced its state and param_groups (half-applied);
+    fusedopt raises the same before anything changes, where it used to take None as a
+    fresh state. A number loads as torch loads it."""
+    checkpoint = build(algo, "torch", make_params(SHAPES))
+    trained(checkpoint, checkpoint.param_groups[0]["params"])
+    state_dict = checkpoint.state_dict()
+    state_dict["state"][1]["step"] = step
+    state_dict["param_groups"][0]["lr"] = 0.125
+    errors = []
+
+    def program(opt, params):
+        trained(opt, params)
+        before = copy.deepcopy(opt.state_dict())
+        try:
+            opt.load_state_dict(copy.deepcopy(state_dict))
+            errors.append(None)
+        except TypeError as error:
+            errors.append(error)
+            if isinstance(opt, fusedopt.Adam):
+                assert_same_tree(opt.state_dict(), before)
+            else:  # torch.optim has taken the new lr and state: back to where fusedopt stayed
+                opt.load_state_dict(before)
+        trained(opt, params, first=3)
+    (ref, _), (fused, _) = run_both(algo, program)
+    assert (errors[0] is None) == (step not in (None, [3.0]))
+    assert [(type(e), str(e)) for e in errors[1:]] == [(type(e), str(e)) for e in errors[:1]]
+    assert_same_tree(fused.state_dict(), ref.state_dict())
 
 
 @pytest.mark.parametrize("algo", ALGOS)

@@ -10,9 +10,8 @@ import torch
 
 import fusedopt
 from conftest import (
-    torch_keys,
     OptimizerPair, _same_value, assert_optimizers_match, assert_state_matches,
-    clone_params, default_kwargs, make_params, random_grads, set_grads,
+    assert_same_tree, clone_params, default_kwargs, make_params, random_grads, set_grads,
 )
 
 CONFIGS = [
@@ -66,7 +65,7 @@ def assert_state_dicts_match(fused_sd, ref_sd, fused_opt):
                              f"state_dict['state'][{index}]")
     assert len(fused_sd["param_groups"]) == len(ref_sd["param_groups"])
     for fg, rg in zip(fused_sd["param_groups"], ref_sd["param_groups"]):
-        assert torch_keys(fg) == torch_keys(rg)
+        assert list(fg) == list(rg)
         for key in rg:
             assert _same_value(fg[key], rg[key]), f"param_groups[{key!r}]: {fg[key]!r} != {rg[key]!r}"
 
@@ -250,3 +249,159 @@ def test_mismatched_checkpoint_raises_and_changes_nothing(algo, options, case):
     for step in range(3, 5):
         pair.step(_grads(params, step))
         pair.check()
+
+
+# --------------------------------------------------------------------------- key for key
+
+def _named_model():
+    torch.manual_seed(0)
+    return torch.nn.ModuleDict({"encoder": torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh()),
+                                "head": torch.nn.Linear(5, 2)})
+
+
+def _train_model(model, opt, steps, first=0):
+    for step in range(first, first + steps):
+        gen = torch.Generator().manual_seed(step)
+        opt.zero_grad()
+        model["head"](model["encoder"](torch.randn(6, 4, generator=gen))).square().mean().backward()
+        opt.step()
+
+
+def _param_list(model, layout):
+    """What users hand an optimizer: parameters, named parameters (torch.optim then saves
+    ``param_names``), groups named by a key of their own (as HF's decay / no_decay), or one
+    group now and one through add_param_group later (_make_with_layout)."""
+    named = list(model.named_parameters())
+    if layout == "parameters":
+        return [p for _, p in named]
+    if layout == "named_parameters":
+        return named
+    decay = [(n, p) for n, p in named if n.endswith("weight")]
+    no_decay = [(n, p) for n, p in named if n.endswith("bias")]
+    if layout == "add_param_group":
+        return decay
+    return [{"params": decay, "name": "decay", "weight_decay": 0.1},
+            {"params": no_decay, "name": "no_decay", "weight_decay": 0.0}]
+
+
+LAYOUTS = ["parameters", "named_parameters", "named_groups", "add_param_group"]
+
+
+def _make_with_layout(lib, algo, model, layout, **options):
+    opt = getattr(lib, algo)(_param_list(model, layout), lr=0.05, foreach=False, **options)
+    if layout == "add_param_group":
+        opt.add_param_group({"params": [(n, p) for n, p in model.named_parameters() if n.endswith("bias")],
+                             "name": "no_decay", "lr": 0.01})
+    return opt
+
+
+@pytest.mark.parametrize("steps", [0, 3], ids=["fresh", "after_steps"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("algo,options", CONFIG_PARAMS, ids=CONFIG_IDS)
+def test_state_dict_and_param_groups_at_default_options_are_torchs_key_for_key(algo, options, layout, steps):
+    """fusedopt's own options (state_dtype, master_weights, stochastic_rounding) are not in
+    param_groups or state_dict() at their defaults: torch.distributed.checkpoint loads into
+    the destination's keys, and a torch.optim checkpoint lacks them."""
+    runs = []
+    for lib in (torch.optim, fusedopt):
+        model = _named_model()
+        opt = _make_with_layout(lib, algo, model, layout, **options)
+        _train_model(model, opt, steps)
+        runs.append(opt)
+    ref, fused = runs
+    assert [list(g) for g in fused.param_groups] == [list(g) for g in ref.param_groups]
+    assert_same_tree(fused.state_dict(), ref.state_dict())
+
+
+def test_low_precision_options_appear_only_where_they_differ_from_their_defaults():
+    model = _named_model()
+    weights, biases = model["encoder"][0].parameters(), model["head"].parameters()
+    opt = fusedopt.AdamW([{"params": weights}, {"params": biases, "state_dtype": None}], lr=0.01,
+                         state_dtype=torch.bfloat16, master_weights=False)
+    opt.add_param_group({"params": [torch.nn.Parameter(torch.randn(3))], "stochastic_rounding": False})
+    groups = opt.state_dict()["param_groups"]
+    assert [g.get("state_dtype", "absent") for g in groups] == [torch.bfloat16, "absent", torch.bfloat16]
+    assert not any("master_weights" in g or "stochastic_rounding" in g for g in groups)
+    _train_model(model, opt, 1)
+    assert opt.state[model["encoder"][0].weight]["exp_avg"].dtype == torch.bfloat16
+    assert opt.state[model["head"].bias]["exp_avg"].dtype == torch.float32  # the group's None, not defaults'
+    opt.param_groups[0]["state_dtype"] = None  # set back to the default: no longer saved
+    assert "state_dtype" not in opt.state_dict()["param_groups"][0]
+
+
+@pytest.mark.parametrize("algo,options", CONFIG_PARAMS, ids=CONFIG_IDS)
+def test_checkpoint_of_fusedopt_0_1_with_its_options_in_every_group_still_loads(algo, options):
+    """fusedopt 0.1.0 saved state_dtype, master_weights and stochastic_rounding in every
+    group. Such a checkpoint loads: its values are the group's options (an explicit default
+    too), and the loaded optimizer's state_dict() is torch.optim's again."""
+    params, pair = _run_pair(algo, options)
+    checkpoint = _save_load(pair.ref.state_dict())
+    old_format = copy.deepcopy(checkpoint)
+    for group in old_format["param_groups"]:
+        group.update(state_dtype=None, master_weights=False, stochastic_rounding=False)
+    old_format["param_groups"][1]["state_dtype"] = torch.bfloat16
+    fused_params = clone_params(pair.fused_params)
+    fused = getattr(fusedopt, algo)([{**g, "params": [fused_params[i] for i in g["params"]]} for g in GROUPS],
+                                    lr=0.5, state_dtype=torch.float16)
+    fused.load_state_dict(old_format)
+    assert [g.get("state_dtype") for g in fused.param_groups] == [None, torch.bfloat16]
+    expected = copy.deepcopy(checkpoint["param_groups"])
+    expected[1] = {**{k: v for k, v in expected[1].items() if k != "params"},
+                   "state_dtype": torch.bfloat16, "params": expected[1]["params"]}
+    state_dict = fused.state_dict()
+    assert_same_tree(state_dict["param_groups"], expected, "param_groups")
+    assert list(state_dict["state"]) == list(checkpoint["state"])
+    for index, entry in state_dict["state"].items():
+        if index in GROUPS[0]["params"]:
+            assert_same_tree(entry, checkpoint["state"][index], f"state[{index}]")
+        else:
+            assert list(entry) == list(checkpoint["state"][index])
+            assert {v.dtype for k, v in entry.items() if k != "step"} == {torch.bfloat16}
+
+
+def test_state_dict_post_hook_sees_torchs_format():
+    seen = []
+    for lib in (torch.optim, fusedopt):
+        model = _named_model()
+        opt = _make_with_layout(lib, "AdamW", model, "named_groups")
+        _train_model(model, opt, 2)
+        opt.register_state_dict_post_hook(lambda o, sd: seen.append(copy.deepcopy(sd)))
+        opt.state_dict()
+    assert_same_tree(seen[1], seen[0])
+
+
+def test_load_post_hook_sees_the_options_a_torch_checkpoint_leaves_to_the_optimizer():
+    """A torch.optim checkpoint has no state_dtype: the loading optimizer keeps its own,
+    already when load_state_dict's post-hooks run."""
+    model = _named_model()
+    ref = _make_with_layout(torch.optim, "AdamW", model, "named_groups")
+    _train_model(model, ref, 2)
+    opt = _make_with_layout(fusedopt, "AdamW", _named_model(), "named_groups", state_dtype=torch.bfloat16)
+    seen = []
+    opt.register_load_state_dict_post_hook(lambda o: seen.append([g.get("state_dtype") for g in o.param_groups]))
+    opt.load_state_dict(ref.state_dict())
+    assert seen == [[torch.bfloat16, torch.bfloat16]]
+
+
+@pytest.mark.parametrize("algo,options", [("SGD", {"momentum": 0.9}), ("AdamW", {})], ids=["SGD", "AdamW"])
+def test_load_pre_hook_that_returns_another_checkpoint_loads_that_one_as_torch(algo, options):
+    """torch.optim loads what its load_state_dict pre-hooks return. The checkpoint passed in
+    (bf16 state saved by fusedopt) must leave no trace: fusedopt read its state's dtypes
+    before the hooks ran and wrote its tensors over the hook's."""
+    params = make_params(SHAPES)
+    bf16 = getattr(fusedopt, algo)([{"params": params[:3]}, {"params": params[3:]}], lr=0.01,
+                                   state_dtype=torch.bfloat16, **options)
+    for step in range(2):
+        set_grads(params, random_grads(params, 50 + step))
+        bf16.step()
+    passed_in = bf16.state_dict()
+    _, pair = _run_pair(algo, options)
+    returned = _save_load(pair.ref.state_dict())
+    loaded = []
+    for lib in (torch.optim, fusedopt):
+        loading = clone_params(pair.fused_params)
+        opt = getattr(lib, algo)([{**g, "params": [loading[i] for i in g["params"]]} for g in GROUPS], lr=0.5)
+        opt.register_load_state_dict_pre_hook(lambda o, sd: copy.deepcopy(returned))
+        opt.load_state_dict(passed_in)
+        loaded.append(opt)
+    assert_same_tree(loaded[1].state_dict(), loaded[0].state_dict())
