@@ -561,8 +561,9 @@ def run_fsdp_case(case, algo_name, device, args, during: LoadWindow, bar) -> lis
             "contention_processes": args.contention}
     rows = []
     for name, _ in implementations:
-        runner = Runner(name, None, times=result["times"][name], bytes_per_element=bytes_per_element(algo, torch.float32),
-                        note="slowest rank per step; shards on the CPU" if case.offload else "slowest rank per step")
+        note = result["failed"].get(name, "slowest rank per step" + ("; shards on the CPU" if case.offload else ""))
+        runner = Runner(name, None, times=result["times"].get(name, []),
+                        bytes_per_element=bytes_per_element(algo, torch.float32), note=note)
         rows.append(result_row(base, runner, runner.bytes_per_element * elements, args.bandwidth))
     return rows
 

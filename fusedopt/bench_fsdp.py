@@ -54,8 +54,9 @@ def _free_port() -> int:
 def run(case: FsdpCase, algo_name: str, implementations: list[tuple[str, dict]], device_type: str,
         warmup: int, reps: int) -> dict:
     """{"times": per implementation (name, constructor options: {"fusedopt": True} or
-    torch's), the timed steps in seconds, each the slowest rank's; "elements": the most
-    parameter elements one rank steps}."""
+    torch's), the timed steps in seconds, each the slowest rank's; "failed": per
+    implementation that raised, why; "elements": the most parameter elements one rank
+    steps}."""
     import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -93,12 +94,17 @@ def _worker(rank: int, config: dict) -> None:
         grads = [p.grad for p in params]
         elements = sum(p.to_local().numel() for p in params)
         algo = ALGOS[config["algo"]]
-        steps = []
+        steps, failed = [], {}
         for name, options in config["implementations"]:
             options = dict(options)
             cls = algo.fusedopt_cls if options.pop("fusedopt", False) else algo.torch_cls
-            optimizer = cls(params, **algo.kwargs, **options)
-            optimizer.step()  # creates its state
+            try:  # a peer failing is a result to report (torch's fused SGD has no DTensor rule)
+                optimizer = cls(params, **algo.kwargs, **options)
+                optimizer.step()  # creates its state
+            except Exception as error:
+                lines = str(error).strip().splitlines() or [""]
+                failed[name] = f"failed: {type(error).__name__}: {lines[0]}"[:120]
+                continue
             steps.append((name, optimizer.step))
         sync = torch.cuda.synchronize if cuda else (lambda: None)
         times: dict[str, list[float]] = {name: [] for name, _ in steps}
@@ -121,6 +127,6 @@ def _worker(rank: int, config: dict) -> None:
             slowest = {name: [max(rank_times[name][i] for rank_times, _ in gathered)
                               for i in range(len(times[name]))] for name in times}
             Path(config["out"]).write_text(json.dumps(
-                {"times": slowest, "elements": max(count for _, count in gathered)}))
+                {"times": slowest, "failed": failed, "elements": max(count for _, count in gathered)}))
     finally:
         dist.destroy_process_group()
