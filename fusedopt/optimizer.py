@@ -243,7 +243,6 @@ class FusedOptimizer(Placement, PublicState, Clipping, CompiledStep, Optimizer):
             self._run(c, transform, skipped)
         return loss
 
-
     def _run(self, c: CheckedPart, transform: GradTransform, skipped: bool) -> None:
         buf = c.part.buf
         rows = c.buffer_rows()
@@ -262,7 +261,7 @@ class FusedOptimizer(Placement, PublicState, Clipping, CompiledStep, Optimizer):
         buf.after_kernel()
         self._ensure_state(c.part, c.rows)
 
-
+    # --- what subclasses define -----------------------------------------------------------
     def _algorithm_state_keys(self, group) -> tuple[str, ...]:
         raise NotImplementedError
 
