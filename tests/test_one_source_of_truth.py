@@ -418,6 +418,24 @@ def test_hogwild_share_memory_workers_update_the_shared_model():
     optimizer; every update must reach the one shared model."""
     if "fork" not in multiprocessing.get_all_start_methods():
         pytest.skip("needs fork")
+    # The example runs in a fresh process: torch refuses autograd in a child forked from a
+    # process whose autograd engine has started its threads (an earlier test's may have).
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.SimpleQueue()
+    example = ctx.Process(target=_hogwild_example, args=(queue,))
+    example.start()
+    results = queue.get()
+    example.join()
+    assert example.exitcode == 0 and not isinstance(results, str), results
+    results = [[torch.tensor(values) for values in params] for params in results]
+    for fused, ref in zip(results[1], results[0]):
+        torch.testing.assert_close(fused, ref, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(results[1][0], torch.ones(2, 3))
+
+
+def _hogwild_example(queue) -> None:
+    """Puts the shared model's parameters (as lists) after Hogwild training with torch's SGD
+    and with fusedopt's, or the error, on ``queue``."""
     results = []
     for lib in ("torch", "fusedopt"):
         model = nn.Linear(3, 2)
@@ -430,11 +448,11 @@ def test_hogwild_share_memory_workers_update_the_shared_model():
         for w in workers:  # one after the other: a deterministic result to compare
             w.start()
             w.join()
-            assert w.exitcode == 0
-        results.append([p.detach().clone() for p in model.parameters()])
-    for fused, ref in zip(results[1], results[0]):
-        torch.testing.assert_close(fused, ref, rtol=1e-5, atol=1e-6)
-    assert not torch.equal(results[1][0], torch.ones(2, 3))
+            if w.exitcode != 0:
+                queue.put(f"{lib} worker exited with {w.exitcode}")
+                return
+        results.append([p.detach().tolist() for p in model.parameters()])
+    queue.put(results)
 
 
 def _hogwild_worker(model, lib, seed):
