@@ -90,7 +90,7 @@ class BufferSlice:
             owns_empty = p.numel() == 0 and (lo <= offset < hi or offset >= hi == full.numel)
             if start < stop or owns_empty:
                 self.owned[i] = Piece(start - lo, start - offset, max(stop - start, 0))
-        self._calls: dict[tuple[int, ...], tuple[torch.Tensor, list[torch.Tensor]]] = {}
+        self._calls: dict[tuple[int, ...], tuple[torch.Tensor, list[torch.Tensor], object]] = {}
 
     def _make_params(self, rows) -> list[torch.Tensor]:
         return [self.data]

@@ -186,7 +186,7 @@ class FlatBuffer:
         # the row's momentum buffer has been started).
         self.step = torch.zeros(len(self.params), dtype=torch.float32, device=self.device)
         self.grad_buffer: torch.Tensor | None = None
-        self._calls: dict[tuple[int, ...], tuple[torch.Tensor, list[torch.Tensor]]] = {}
+        self._calls: dict[tuple[int, ...], tuple[torch.Tensor, list[torch.Tensor], object]] = {}
 
     # --- layout -----------------------------------------------------------------
     def view_of(self, flat: torch.Tensor, index: int) -> torch.Tensor:
@@ -211,15 +211,17 @@ class FlatBuffer:
         when every row lies in it, else each row's own memory."""
         return self._call(rows)[1]
 
-    def _call(self, rows: list[int]) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """(segments, kernel params) for a set of rows, cached per set so a device table
-        is uploaded only when the set changes."""
+    def _call(self, rows: list[int]) -> tuple[torch.Tensor, list[torch.Tensor], object]:
+        """(segments, kernel params, a C++ hold on them) for a set of rows, cached per set
+        so a device table is uploaded only when the set changes. The hold spares each
+        call a GIL round trip per row param ([note: C++ references for op calls])."""
         key = tuple(rows)
         call = self._calls.get(key)
         if call is None:
             if len(self._calls) > 64:
                 self._calls.clear()
-            call = self._calls[key] = (self._make_segments(rows), self._make_params(rows))
+            params = self._make_params(rows)
+            call = self._calls[key] = (self._make_segments(rows), params, _C.hold(params))
         return call
 
     def _make_segments(self, rows) -> torch.Tensor:
