@@ -382,7 +382,8 @@ def measure_bandwidth(device: torch.device, reps: int) -> dict:
 # a core, each region waits for a descheduled thread, and torch fused slows by up to 20x
 # while fusedopt (one region per step) barely moves. So load decides the ratios, and
 # every run measures it: CPU time the whole machine spent busy (/proc/stat) minus this
-# process's own, per second of wall time, i.e. how many cores others kept busy.
+# process's own and its children's, per second of wall time, i.e. how many cores others
+# kept busy.
 
 BUSY_CORES = 0.25  # others' average use above which a run is reported as loaded
 
@@ -392,7 +393,7 @@ class CpuSample:
     wall: float
     busy: float   # machine-wide CPU seconds spent busy since boot
     steal: float  # CPU seconds the hypervisor gave this VM's CPUs to others
-    own: float    # this process's CPU seconds, all threads
+    own: float    # this process's CPU seconds, all threads, and its finished children's
 
 
 def cpu_sample() -> CpuSample | None:
@@ -403,8 +404,11 @@ def cpu_sample() -> CpuSample | None:
         return None
     user, nice, system, _idle, _iowait, irq, softirq, steal = ticks + [0] * (8 - len(ticks))
     hz = os.sysconf("SC_CLK_TCK")
+    # The FSDP2 cases' rank processes are the bench's own children: their CPU time is the
+    # bench's, not another process's load (it counts once they have been joined).
+    children = os.times()
     return CpuSample(time.monotonic(), (user + nice + system + irq + softirq) / hz, steal / hz,
-                     time.process_time())
+                     time.process_time() + children.children_user + children.children_system)
 
 
 @dataclass
