@@ -6,10 +6,17 @@
 #include <Python.h>
 
 #include <algorithm>
+#include <cstring>
+#include <vector>
 
+#include <ATen/Dispatch.h>
+#include <ATen/ops/empty.h>
+#include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/csrc/autograd/variable.h>
 #include <torch/version.h>
+
+#include "row_table.h"
 
 namespace {
 
@@ -339,12 +346,135 @@ PyObject* hold(PyObject* /*module*/, PyObject* tensors) {
   return capsule;
 }
 
+// Test hooks of the CUDA kernels' per-row table (row_table.h), for tests/test_row_table.py
+// only: the same code that builds the table and reads it on the device, run here on the
+// host over CPU tensors, so a machine without a GPU checks its index math against torch.
+//
+//   _row_table(params, grads, segments) -> int64 tensor: the table's words
+//   _row_walk(params, grads, segments) -> (rows, grad_addresses, param_addresses):
+//       per position of the index space, the row a warp whose range begins there starts
+//       at and the address of the grad element it reads there (-1: none, padding);
+//       per row, the address of its first param element
+//   _grad_offsets(grad, positions) -> (offsets, narrow): GradRef::offset of each
+//       position for `grad` as a table row (any device, meta too: only its sizes and
+//       strides are read), and whether that took the 32-bit path
+
+bool unpack_tensors(PyObject* list, std::vector<at::Tensor>& tensors) {
+  for (Py_ssize_t i = 0; i < PyList_GET_SIZE(list); ++i) {
+    if (!THPVariable_Check(PyList_GET_ITEM(list, i))) {
+      PyErr_SetString(PyExc_TypeError, "expected lists of tensors");
+      return false;
+    }
+    tensors.push_back(THPVariable_Unpack(PyList_GET_ITEM(list, i)));
+  }
+  return true;
+}
+
+// The RowTable of (params, grads, segments) as the CUDA kernels' plan_rows builds it.
+bool parse_rows(PyObject* args, std::vector<at::Tensor>& params, std::vector<at::Tensor>& grads,
+                at::Tensor& segments) {
+  PyObject *params_list, *grads_list, *segments_object;
+  if (!PyArg_ParseTuple(args, "O!O!O", &PyList_Type, &params_list, &PyList_Type, &grads_list, &segments_object) ||
+      !unpack_tensors(params_list, params) || !unpack_tensors(grads_list, grads))
+    return false;
+  if (!THPVariable_Check(segments_object)) {
+    PyErr_SetString(PyExc_TypeError, "segments must be a tensor");
+    return false;
+  }
+  segments = THPVariable_Unpack(segments_object);
+  TORCH_CHECK(segments.device().is_cpu() && segments.scalar_type() == at::kLong && segments.is_contiguous() &&
+                  segments.dim() == 2 && segments.size(1) == fusedopt::kSegmentColumns,
+              "segments must be a contiguous CPU int64 tensor of shape (rows, ", fusedopt::kSegmentColumns, ")");
+  return true;
+}
+
+at::Tensor long_tensor(const std::vector<int64_t>& values) {
+  at::Tensor tensor = at::empty({static_cast<int64_t>(values.size())}, at::kLong);
+  std::memcpy(tensor.data_ptr<int64_t>(), values.data(), values.size() * sizeof(int64_t));
+  return tensor;
+}
+
+PyObject* row_table(PyObject* /*module*/, PyObject* args) {
+  HANDLE_TH_ERRORS
+  std::vector<at::Tensor> params, grads;
+  at::Tensor segments;
+  if (!parse_rows(args, params, grads, segments)) return nullptr;
+  return THPVariable_Wrap(long_tensor(fusedopt::build_row_table(params, grads, segments, false).words));
+  END_HANDLE_TH_ERRORS
+}
+
+template <typename scalar_t>
+void walk_rows(const fusedopt::RowWalk& walk, int64_t* rows, int64_t* grad_addresses, int64_t* param_addresses) {
+  for (int64_t position = 0; position < walk.space; ++position) {
+    const int64_t r = fusedopt::first_row_ending_after(walk, position);
+    rows[position] = r;
+    grad_addresses[position] = -1;
+    if (r >= walk.num_segments) continue;
+    const fusedopt::RowSpan<scalar_t> row = fusedopt::row_span<scalar_t>(walk, r);
+    const int64_t j = position - row.start;
+    if (j >= 0 && j < row.numel)
+      grad_addresses[position] = reinterpret_cast<intptr_t>(row.grad.data + row.grad.offset(j));
+  }
+  for (int64_t r = 0; r < walk.num_segments; ++r) {
+    const int64_t flat_offset = walk.segments[r * fusedopt::kSegmentColumns + fusedopt::kFlatOffset];
+    param_addresses[r] = reinterpret_cast<intptr_t>(fusedopt::row_param<scalar_t>(walk, r, flat_offset));
+  }
+}
+
+PyObject* row_walk(PyObject* /*module*/, PyObject* args) {
+  HANDLE_TH_ERRORS
+  std::vector<at::Tensor> params, grads;
+  at::Tensor segments;
+  if (!parse_rows(args, params, grads, segments)) return nullptr;
+  TORCH_CHECK(!params.empty() && !grads.empty(), "_row_walk needs params and grads");
+  const fusedopt::RowTable table = fusedopt::build_row_table(params, grads, segments, false);
+  const fusedopt::RowWalk walk = table.walk_at(table.words.data());
+  at::Tensor rows = at::empty({walk.space}, at::kLong);
+  at::Tensor grad_addresses = at::empty({walk.space}, at::kLong);
+  at::Tensor param_addresses = at::empty({walk.num_segments}, at::kLong);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "_row_walk", [&] {
+    walk_rows<scalar_t>(walk, rows.data_ptr<int64_t>(), grad_addresses.data_ptr<int64_t>(),
+                        param_addresses.data_ptr<int64_t>());
+  });
+  return Py_BuildValue("(NNN)", THPVariable_Wrap(rows), THPVariable_Wrap(grad_addresses),
+                       THPVariable_Wrap(param_addresses));
+  END_HANDLE_TH_ERRORS
+}
+
+PyObject* grad_offsets(PyObject* /*module*/, PyObject* args) {
+  HANDLE_TH_ERRORS
+  PyObject *grad_object, *positions_object;
+  if (!PyArg_ParseTuple(args, "OO", &grad_object, &positions_object)) return nullptr;
+  if (!THPVariable_Check(grad_object) || !THPVariable_Check(positions_object)) {
+    PyErr_SetString(PyExc_TypeError, "_grad_offsets(grad, positions) takes two tensors");
+    return nullptr;
+  }
+  const at::Tensor& grad = THPVariable_Unpack(grad_object);
+  const at::Tensor positions = THPVariable_Unpack(positions_object).to(at::kLong).contiguous();
+  TORCH_CHECK(positions.device().is_cpu(), "positions must be a CPU tensor");
+  std::vector<int64_t> words;
+  fusedopt::append_grad_rows({grad}, 1, words);
+  fusedopt::RowWalk walk{};
+  walk.num_segments = 1;
+  walk.table = words.data();
+  // Only the element offset is read, which does not depend on the element type.
+  const fusedopt::GradRef<char> ref = fusedopt::table_grad<char>(walk, fusedopt::table_row(walk, 0), 0);
+  at::Tensor offsets = at::empty({positions.numel()}, at::kLong);
+  for (int64_t i = 0; i < positions.numel(); ++i)
+    offsets.data_ptr<int64_t>()[i] = ref.offset(positions.data_ptr<int64_t>()[i]);
+  return Py_BuildValue("(NO)", THPVariable_Wrap(offsets), ref.narrow ? Py_True : Py_False);
+  END_HANDLE_TH_ERRORS
+}
+
 PyMethodDef methods[] = {
     {"sync_check", sync_check, METH_VARARGS,
      "Checks a flat buffer's rows against the public parameters, state and grads in one pass."},
     {"sole_owner", sole_owner, METH_O, "Whether nothing but this tensor sees its memory."},
     {"bump_versions", bump_versions, METH_O, "Increments the autograd version of every tensor in a list."},
     {"hold", hold, METH_O, "An object that holds a C++ reference to every tensor of a list while it lives."},
+    {"_row_table", row_table, METH_VARARGS, "Test hook: the CUDA kernels' per-row table, built on the host."},
+    {"_row_walk", row_walk, METH_VARARGS, "Test hook: the CUDA kernels' reading of the per-row table, on the host."},
+    {"_grad_offsets", grad_offsets, METH_VARARGS, "Test hook: the CUDA kernels' element offsets of a strided grad."},
     {nullptr, nullptr, 0, nullptr},
 };
 
@@ -352,5 +482,12 @@ PyMethodDef methods[] = {
 
 extern "C" PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
-  return PyModule_Create(&module_def);
+  PyObject* module = PyModule_Create(&module_def);
+  // For the test hooks: the layout of the per-row table.
+  if (module != nullptr && (PyModule_AddIntConstant(module, "_ROW_PAD", fusedopt::kRowPad) != 0 ||
+                            PyModule_AddIntConstant(module, "_ROW_WORDS", fusedopt::kRowWords) != 0)) {
+    Py_DECREF(module);
+    return nullptr;
+  }
+  return module;
 }

@@ -1,15 +1,6 @@
 // How the CUDA kernels find their work: which rows of the segment table (and which
-// elements of them) a warp owns, where each row's grad lives, and how to read it.
-//
-// [note: index space] The launch splits one linear index space into equal,
-// 256-element-aligned ranges, one per warp. For a flat grad buffer that space is the
-// flat buffer itself (row r spans [flat_offset, flat_offset + numel)). For one grad per
-// row it is the rows packed back to back, each padded to kRowPad elements: the host
-// knows the grads' sizes but not the device-resident segment table, and the padding
-// keeps a warp's first element in a row at a multiple of kRowPad, so 128-bit accesses
-// stay aligned when the range starts inside a row. Either way a warp binary-searches
-// its first row once and then walks rows forward, so many small parameters cost one
-// search, not one per parameter, and the warps on an SM walk independently.
+// elements of them) a warp owns, where each row's grad lives, and how to read it. The
+// table and its readers, shared with the host, are in row_table.h ([note: index space]).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -20,6 +11,7 @@
 #include <type_traits>
 
 #include "optimizer_math.h"
+#include "row_table.h"
 #include "segment_table.h"
 
 namespace fusedopt {
@@ -30,15 +22,7 @@ constexpr int kThreadsPerBlock = 256;
 constexpr int kWarpsPerBlock = kThreadsPerBlock / kWarpSize;
 // Granularity of a warp's range; a multiple of kRowPad and of every vector width.
 constexpr int64_t kWarpRangeGranule = 256;
-// Packed rows start at multiples of this (>= 16 bytes for every dtype). It also charges
-// tiny parameters a few elements' worth of their per-row overhead in the load balance.
-constexpr int64_t kRowPad = 32;
-
-// The per-row grad table (one grad per row) as uploaded, in int64 words:
-//   [0, n + 1)            packed start of each row, then the packed end
-//   [n + 1, n + 1 + 3n)   per row: data pointer, numel, shape word index (-1: contiguous)
-//   [...]                 shapes of strided grads: ndim, sizes[ndim], strides[ndim]
-constexpr int64_t kRowWords = 3;
+static_assert(kWarpRangeGranule % kRowPad == 0, "a warp's range must start at a packed row's alignment");
 
 // A 0-dim/1-element tensor argument (grad_scale, found_inf, a scheduled value), read by the
 // kernel on the device, or passed by value when the caller gave a CPU tensor.
@@ -60,65 +44,6 @@ struct ScalarArg {
   C10_DEVICE bool is_set() const { return present() && value() != 0.0; }
 };
 
-// One row's grad: contiguous from `data`, or a strided view described by `shape`.
-template <typename scalar_t>
-struct GradRef {
-  scalar_t* data;
-  const int64_t* shape;  // nullptr when contiguous; else ndim, sizes..., strides...
-  bool narrow;           // every logical index fits 32 bits: cheaper division
-
-  // Memory offset of the element at row-major logical index j.
-  C10_DEVICE int64_t offset(int64_t j) const {
-    if (shape == nullptr) return j;
-    const int ndim = static_cast<int>(shape[0]);
-    const int64_t* sizes = shape + 1;
-    const int64_t* strides = shape + 1 + ndim;
-    int64_t off = 0;
-    if (narrow) {
-      uint32_t rest = static_cast<uint32_t>(j);
-      for (int d = ndim - 1; d > 0; --d) {
-        const uint32_t size = static_cast<uint32_t>(sizes[d]);
-        off += static_cast<int64_t>(rest % size) * strides[d];
-        rest /= size;
-      }
-      return off + static_cast<int64_t>(rest) * strides[0];
-    }
-    for (int d = ndim - 1; d > 0; --d) {
-      off += (j % sizes[d]) * strides[d];
-      j /= sizes[d];
-    }
-    return off + j * strides[0];
-  }
-};
-
-// Kernel argument describing the index space and where the grads and params are.
-struct RowWalk {
-  const int64_t* segments;
-  int64_t num_segments;
-  int64_t space;       // length of the index space
-  int64_t per_warp;    // elements of the space per warp, a multiple of kWarpRangeGranule
-  const int64_t* table;  // the per-row grad table, or nullptr for one flat grad buffer
-  void* flat_grad;
-  // The params (segment_table.h): per row, its data pointer (uploaded with the grad
-  // table), or nullptr for a lone param, `lone_param`, of `lone_param_numel` elements.
-  const int64_t* param_table;
-  void* lone_param;
-  int64_t lone_param_numel;
-};
-
-// Row r's first param element: its own tensor's, or the lone param's (the flat param
-// buffer at the row's flat offset, unless it is the row's own: one row of its size).
-template <typename scalar_t>
-C10_DEVICE inline scalar_t* row_param(const RowWalk& walk, int64_t r, int64_t flat_offset) {
-  if (walk.param_table != nullptr) {
-    scalar_t* data = reinterpret_cast<scalar_t*>(walk.param_table[r]);
-    __builtin_assume(__isGlobal(data));
-    return data;
-  }
-  const bool own = walk.num_segments == 1 && walk.lone_param_numel == walk.segments[kNumel];
-  return static_cast<scalar_t*>(walk.lone_param) + (own ? 0 : flat_offset);
-}
-
 // This warp's part [begin, end) of the index space; empty past its end.
 struct WarpRange {
   int64_t begin, end;
@@ -130,66 +55,18 @@ C10_DEVICE inline WarpRange warp_range(const RowWalk& walk) {
   return {begin, ::min(walk.space, begin + walk.per_warp)};
 }
 
-// The first row whose extent in the index space ends after `position`.
-C10_DEVICE inline int64_t first_row_ending_after(const RowWalk& walk, int64_t position) {
-  const int64_t* seg = walk.segments;
-  int64_t lo = 0, hi = walk.num_segments;
-  while (lo < hi) {
-    const int64_t mid = lo + (hi - lo) / 2;
-    const int64_t row_end = walk.table != nullptr
-                                ? walk.table[mid + 1]
-                                : seg[mid * kSegmentColumns + kFlatOffset] + seg[mid * kSegmentColumns + kNumel];
-    if (row_end <= position) lo = mid + 1;
-    else hi = mid;
-  }
-  return lo;
-}
-
-C10_DEVICE inline const int64_t* table_row(const RowWalk& walk, int64_t r) {
-  return walk.table + (walk.num_segments + 1) + r * kRowWords;
-}
-
-template <typename scalar_t>
-C10_DEVICE inline GradRef<scalar_t> table_grad(const RowWalk& walk, const int64_t* row, int64_t grad_base) {
-  // Table addresses arrive as integers; without the assumption the compiler emits
-  // generic loads and stores for them.
-  scalar_t* data = reinterpret_cast<scalar_t*>(row[0]);
-  __builtin_assume(__isGlobal(data));
-  return {data + grad_base, row[2] < 0 ? nullptr : walk.table + row[2],
-          row[1] <= static_cast<int64_t>(UINT32_MAX)};
-}
-
 // Calls body(row, flat_offset, j0, j1, grad) for every row this warp owns part of, with
 // [j0, j1) that part in row-local elements. All lanes of the warp make the same calls.
 template <typename scalar_t, typename Body>
 C10_DEVICE inline void for_each_owned_row(const RowWalk& walk, const Body& body) {
   const auto [begin, end] = warp_range(walk);
   if (begin == end) return;
-  const int64_t* seg = walk.segments;
   for (int64_t r = first_row_ending_after(walk, begin); r < walk.num_segments; ++r) {
-    const int64_t flat_offset = seg[r * kSegmentColumns + kFlatOffset];
-    const int64_t segment_numel = seg[r * kSegmentColumns + kNumel];
-    int64_t row_start, numel;
-    GradRef<scalar_t> grad;
-    if (walk.table == nullptr) {
-      row_start = flat_offset;
-      numel = segment_numel;
-      grad = {static_cast<scalar_t*>(walk.flat_grad) + flat_offset, nullptr, true};
-    } else {
-      const int64_t* row = table_row(walk, r);
-      const int64_t grad_numel = row[1];
-      // segment_table.h's grads_are_flat, decided here because only the device knows
-      // the row's numel: a lone grad of another size than its lone row is the flat grad
-      // buffer, holding the row at its flat offset.
-      const int64_t grad_base = grad_numel != segment_numel && row[2] < 0 ? flat_offset : 0;
-      row_start = walk.table[r] + grad_base;
-      numel = ::max(int64_t(0), ::min(segment_numel, grad_numel - grad_base));
-      grad = table_grad<scalar_t>(walk, row, grad_base);
-    }
-    if (row_start >= end) break;
-    const int64_t j0 = ::max(begin - row_start, int64_t(0));
-    const int64_t j1 = ::min(end - row_start, numel);
-    if (j0 < j1) body(r, flat_offset, j0, j1, grad);
+    const RowSpan<scalar_t> row = row_span<scalar_t>(walk, r);
+    if (row.start >= end) break;
+    const int64_t j0 = ::max(begin - row.start, int64_t(0));
+    const int64_t j1 = ::min(end - row.start, row.numel);
+    if (j0 < j1) body(r, row.flat_offset, j0, j1, row.grad);
   }
 }
 
@@ -387,10 +264,9 @@ struct GradsPlan {
   at::Tensor table;
 };
 
-// Picks flat or per-row grads and params the way the CPU kernels do and, for per-row
-// ones, returns the device table, uploading it only when it differs from the last one
-// seen for these segments. `params` is empty for an op without params (grad_norm).
-// Reads no device memory.
+// build_row_table (row_table.h) with its table on the device, uploaded only when it
+// differs from the last one seen for these segments. `params` is empty for an op
+// without params (grad_norm). Reads no device memory.
 GradsPlan plan_rows(at::TensorList params, at::TensorList grads, const at::Tensor& segments, bool zero_grads);
 
 }  // namespace cuda
