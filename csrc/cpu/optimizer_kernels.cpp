@@ -461,16 +461,22 @@ constexpr std::array<int32_t, 32> kLaneCounters = [] {
 // then each stored value's 16 bits (optimizer_math.h, [note: random bits]).
 struct BlockBits {
   Bits hash[2];  // rounding_element_hash of the block's lo and hi lanes
+  Bits high[2];  // hash >> 16, the hash's own last shift
 
+  BlockBits() = default;
   BlockBits(const Rounding& rounding, int64_t index) {
     static_assert(2 * Bits::size() <= 32);
     const Bits base(static_cast<int32_t>(rounding_counter(static_cast<uint32_t>(index), rounding.key)));
-    hash[0] = mix_bits(base + Bits::loadu(kLaneCounters.data()));
-    hash[1] = mix_bits(base + Bits::loadu(kLaneCounters.data() + Bits::size()));
+    for (int half = 0; half < 2; ++half) {
+      const Bits mixed = mix_bits_until_last_shift(base + Bits::loadu(kLaneCounters.data() + half * Bits::size()));
+      high[half] = shift_right_logical(mixed, 16);
+      hash[half] = mixed ^ high[half];
+    }
   }
 
   // rounding_half(rounding_pair_hash(hash, slot / 2), slot) of vector `half` (0: lo).
   Bits random16(int slot, int half) const {
+    if (slot == 1) return high[half];
 #if defined(CPU_CAPABILITY_AVX512)
     // Slot 2's bits are the low half of hash * 0x2c1b3c6d, which only the hash's low
     // half reaches: one 16-bit multiply by 0x3c6d (by 0 in the high half) gives them.
@@ -604,6 +610,12 @@ void adam_kernel(const std::vector<scalar_t*>& param_rows, float* master, state_
         state_t* v = exp_avg_sq + first_index;
         state_t* vmax = amsgrad ? max_exp_avg_sq + first_index : nullptr;
         for_each_block<IO::kWidth>(n, [&](int64_t i, auto count) {
+          // The random bits first: they depend on the index only, so they are computed
+          // while the loads and the divides are in flight, not queued behind them.
+          const bool stochastic = kMayRoundStochastically<scalar_t, state_t> && rounding.stochastic;
+          BlockBits block_bits;
+          if (stochastic) block_bits = BlockBits(rounding, first_index + i);
+          const BlockBits* bits = stochastic ? &block_bits : nullptr;
           Vec p0, p1, g0, g1, m0, m1, v0, v1, x0, x1;
           load_param(p + i, pm != nullptr ? pm + i : nullptr, p0, p1, count);
           IO::load(g + i, g0, g1, count);
@@ -612,18 +624,10 @@ void adam_kernel(const std::vector<scalar_t*>& param_rows, float* master, state_
           if constexpr (amsgrad) SIO::load(vmax + i, x0, x1, count);
           adam_update<amsgrad>(p0, effective_grad(g0, scale_ptr, multiplier_ptr, maximize), m0, v0, x0, c);
           adam_update<amsgrad>(p1, effective_grad(g1, scale_ptr, multiplier_ptr, maximize), m1, v1, x1, c);
-          auto store = [&](const BlockBits* bits) {
-            store_param(p + i, pm != nullptr ? pm + i : nullptr, p0, p1, bits, count);
-            store_rounded(m + i, m0, m1, bits, 1, count);
-            store_rounded(v + i, v0, v1, bits, 2, count);
-            if constexpr (amsgrad) store_rounded(vmax + i, x0, x1, bits, 3, count);
-          };
-          if (kMayRoundStochastically<scalar_t, state_t> && rounding.stochastic) {
-            const BlockBits bits(rounding, first_index + i);
-            store(&bits);
-          } else {
-            store(nullptr);
-          }
+          store_param(p + i, pm != nullptr ? pm + i : nullptr, p0, p1, bits, count);
+          store_rounded(m + i, m0, m1, bits, 1, count);
+          store_rounded(v + i, v0, v1, bits, 2, count);
+          if constexpr (amsgrad) store_rounded(vmax + i, x0, x1, bits, 3, count);
         });
       });
     });
@@ -657,6 +661,10 @@ void sgd_kernel(const std::vector<scalar_t*>& param_rows, float* master, state_t
         float* pm = master != nullptr ? master + first_index : nullptr;
         state_t* buf = has_momentum ? momentum_buffer + first_index : nullptr;
         for_each_block<IO::kWidth>(n, [&](int64_t i, auto count) {
+          const bool stochastic = kMayRoundStochastically<scalar_t, state_t> && rounding.stochastic;
+          BlockBits block_bits;  // first, as in adam_kernel
+          if (stochastic) block_bits = BlockBits(rounding, first_index + i);
+          const BlockBits* bits = stochastic ? &block_bits : nullptr;
           Vec p0, p1, g0, g1, b0, b1;
           load_param(p + i, pm != nullptr ? pm + i : nullptr, p0, p1, count);
           IO::load(g + i, g0, g1, count);
@@ -665,16 +673,8 @@ void sgd_kernel(const std::vector<scalar_t*>& param_rows, float* master, state_t
                                              b0, first_time, c);
           sgd_update<has_momentum, nesterov>(p1, effective_grad(g1, scale_ptr, multiplier_ptr, maximize),
                                              b1, first_time, c);
-          auto store = [&](const BlockBits* bits) {
-            store_param(p + i, pm != nullptr ? pm + i : nullptr, p0, p1, bits, count);
-            if constexpr (has_momentum) store_rounded(buf + i, b0, b1, bits, 1, count);
-          };
-          if (kMayRoundStochastically<scalar_t, state_t> && rounding.stochastic) {
-            const BlockBits bits(rounding, first_index + i);
-            store(&bits);
-          } else {
-            store(nullptr);
-          }
+          store_param(p + i, pm != nullptr ? pm + i : nullptr, p0, p1, bits, count);
+          if constexpr (has_momentum) store_rounded(buf + i, b0, b1, bits, 1, count);
         });
       });
     });
