@@ -2,8 +2,9 @@
 // math of optimizer_math.h.
 //
 // setup.py compiles this file once per x86 ISA level (CPU_CAPABILITY = DEFAULT, AVX2,
-// AVX512) into separate modules; fusedopt/ops.py loads the best one for the running
-// CPU, which registers these kernels for the CPU dispatch key.
+// AVX512, and AVX512 with FUSEDOPT_AVX512_BF16) into separate modules; fusedopt/ops.py
+// loads the best one for the running CPU, which registers these kernels for the CPU
+// dispatch key.
 #include "optimizer_math.h"
 #include "segment_table.h"
 #include "state_buffers.h"
