@@ -1,8 +1,8 @@
 """Builds fusedopt's extensions ahead of time: `pip install --no-build-isolation -e .`
 
 * `fusedopt._C`: the op schemas, plus the CUDA kernels when this is a CUDA build.
-* `fusedopt._cpu_{default,avx2,avx512}`: the CPU kernels, compiled once per x86 ISA
-  level; fusedopt/ops.py loads the best one the running CPU supports, so a wheel built
+* `fusedopt._cpu_{default,avx2,avx512,avx512_bf16}`: the CPU kernels, compiled once per
+  x86 ISA level; fusedopt/ops.py loads the best one the running CPU supports, so a wheel built
   here runs on any x86-64 CPU (no -march=native).
 
 CUDA kernels are built when torch is a CUDA build and a toolkit is found, never
@@ -39,6 +39,9 @@ if platform.machine() in ("x86_64", "AMD64"):
                             "-mavx2", "-mfma", "-mf16c"]
     CPU_VARIANTS["avx512"] = ["-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512",
                               "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma"]
+    # AVX512 plus the bfloat16 conversion instructions (Cooper Lake, Sapphire Rapids,
+    # Zen 4 and later): at::vec's AVX512 code, fusedopt's bf16 stores by vcvtne2ps2bf16.
+    CPU_VARIANTS["avx512_bf16"] = [*CPU_VARIANTS["avx512"], "-mavx512bf16", "-DFUSEDOPT_AVX512_BF16"]
 
 
 def cuda_build_wanted():

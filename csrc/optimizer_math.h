@@ -201,12 +201,19 @@ C10_HOST_DEVICE inline void sgd_update(T& param, T grad, T& momentum_buffer,
 // index is the element's position in the flat buffer (modulo 2**32). The mixer is
 // Wellons' lowbias32 (an avalanche-tested 32-bit integer hash). `U` is uint32_t or, on
 // the CPU's SIMD path, at::vec::Vectorized<int32_t> (wrapping arithmetic either way).
+// (mix_bits_until_last_shift(x) is all but its final x ^ (x >> 16): the CPU kernels keep
+// that shift, which is also the finished hash's high half.)
 template <typename U>
-C10_HOST_DEVICE inline U mix_bits(U x) {
+C10_HOST_DEVICE inline U mix_bits_until_last_shift(U x) {
   x = x ^ shift_right_logical(x, 16);
   x = x * U(0x7feb352du);
   x = x ^ shift_right_logical(x, 15);
-  x = x * U(0x846ca68bu);
+  return x * U(0x846ca68bu);
+}
+
+template <typename U>
+C10_HOST_DEVICE inline U mix_bits(U x) {
+  x = mix_bits_until_last_shift(x);
   return x ^ shift_right_logical(x, 16);
 }
 

@@ -37,13 +37,29 @@ from . import _C  # noqa: E402, F401  (registers the op schemas, and CUDA kernel
 
 # torch's own reading of the CPU (it also honours ATEN_CPU_CAPABILITY).
 _ISA_PREFERENCE = {
-    "AVX512": ("avx512", "avx2", "default"),
+    "AVX512": ("avx512_bf16", "avx512", "avx2", "default"),
     "AVX2": ("avx2", "default"),
 }
+# Variants that need more than their ATen capability: the CPU feature each needs.
+_ISA_FEATURES = {"avx512_bf16": "_is_avx512_bf16_supported"}
+
+
+def _cpu_runs(isa: str) -> bool:
+    feature = _ISA_FEATURES.get(isa)
+    return feature is None or bool(getattr(torch.cpu, feature, lambda: False)())
 
 
 def _load_cpu_kernels() -> str:
-    for isa in _ISA_PREFERENCE.get(torch.backends.cpu.get_cpu_capability(), ("default",)):
+    candidates = [isa for isa in _ISA_PREFERENCE.get(torch.backends.cpu.get_cpu_capability(), ("default",))
+                  if _cpu_runs(isa)]
+    # FUSEDOPT_CPU_KERNELS=<isa> loads that variant instead of the best one (the tests run
+    # every variant this CPU can; no user needs it).
+    wanted = os.environ.get("FUSEDOPT_CPU_KERNELS")
+    if wanted:
+        if wanted not in candidates:
+            raise ImportError(f"fusedopt: FUSEDOPT_CPU_KERNELS={wanted!r}, but this CPU runs {candidates}")
+        candidates = [wanted]
+    for isa in candidates:
         try:
             importlib.import_module(f"fusedopt._cpu_{isa}")
             return isa

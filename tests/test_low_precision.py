@@ -12,7 +12,11 @@ Oracles:
   the mean of many roundings is the fp32 value, and torch.manual_seed reproduces it.
 """
 import copy
+import importlib.util
 import io
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -431,6 +435,209 @@ def test_stochastic_rounding_random_bits_are_counter_based():
                                None, None, None, False, None, torch.tensor([12345], dtype=torch.int64))
         results.append(param)
     assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
+
+
+# ----------------------------------------------------------------------------- rounding, bit for bit
+
+# The kernels round through several code paths (at::vec's conversion, the AVX-512 word
+# permutations, vcvtne2ps2bf16 with its integer fallback for NaN and denormals, AVX2's
+# stochastic store); these tests pin every one of them, bit for bit, to references
+# computed here: torch's own conversion for rounding to nearest, and the random bits of
+# optimizer_math.h ([note: random bits]) recomputed in int64 for stochastic rounding.
+# test_every_cpu_kernel_variant_rounds_bit_exact runs them under each ISA variant.
+
+U32 = 0xFFFFFFFF
+SPECIAL_FLOAT_BITS = [
+    0x3F808000, 0x3F818000, 0x3F807FFF, 0x3F80FFFF,  # ties to even (down, up), just below/above
+    0x7F7F8000, 0x7F7F7FFF, 0xFF7FFFFF,              # rounds up to inf, stays finite, to -inf
+    0x7F800000, 0xFF800000, 0x00000000, 0x80000000,  # infinities, zeros
+    0x00000001, 0x00008000, 0x00018000, 0x007FFFFF,  # denormals: tiny, ties, to the smallest normal
+    0x80012345, 0x00400000, 0x00800000,               # a negative denormal, another, smallest normal
+    0x7FC00000, 0xFFC00000, 0x7F800001, 0x7FFFFFFF, 0xFF800001,  # NaNs: quiet, signalling, payloads
+]
+
+
+def float_from_bits(bits):
+    return torch.tensor([b - (1 << 32) if b >= 1 << 31 else b for b in bits], dtype=torch.int32).view(torch.float32)
+
+
+def torch_bf16_bits(x):
+    """torch's own conversion of float32 `x` to bfloat16 (its vectorized path for every
+    element, as the kernels take: padded to whole vectors), as int32 bit patterns."""
+    n = x.numel()
+    padded = torch.cat([x, torch.zeros((-n) % 64, dtype=torch.float32)])
+    return padded.to(torch.bfloat16).view(torch.int16).to(torch.int32)[:n] & 0xFFFF
+
+
+def nan_bf16_bits():
+    """How torch's vectorized conversion stores a NaN on this ISA (0xffff on AVX2/AVX-512)."""
+    return int(torch_bf16_bits(torch.full((64,), float("nan")))[0])
+
+
+def mix_bits(x):
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & U32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & U32
+    return x ^ (x >> 16)
+
+
+def rounding_key(seed):
+    bits = seed & 0xFFFFFFFFFFFFFFFF
+    return (bits & U32) ^ int(mix_bits(torch.tensor(bits >> 32)))
+
+
+def stochastic_bf16_bits(x, first_index, seed, slot):
+    """optimizer_math.h's stochastic rounding of float32 `x` (elements first_index, ...
+    of the flat buffers) as value `slot` of its element, as int32 bit patterns."""
+    index = torch.arange(first_index, first_index + x.numel(), dtype=torch.int64)
+    element_hash = mix_bits((index * 0x9E3779B1 + rounding_key(seed)) & U32)
+    pair_hash = element_hash if slot < 2 else (element_hash * 0x2C1B3C6D) & U32
+    random16 = pair_hash >> 16 if slot & 1 else pair_hash & 0xFFFF
+    bits = x.view(torch.int32).to(torch.int64) & U32
+    rounded = ((bits + random16) & U32) >> 16
+    return torch.where(x.isnan(), nan_bf16_bits(), rounded).to(torch.int32)
+
+
+def bf16_bits(t):
+    return t.reshape(-1).view(torch.int16).to(torch.int32) & 0xFFFF
+
+
+def assert_bits(actual, expected, what):
+    differ = actual != expected
+    assert not differ.any(), (f"{what}: {int(differ.sum())} of {actual.numel()} differ, e.g. at "
+                              f"{differ.nonzero()[:3].flatten().tolist()}: {[hex(v) for v in actual[differ][:3].tolist()]}"
+                              f" != {[hex(v) for v in expected[differ][:3].tolist()]}")
+
+
+def grads_with_special_values(n, generator):
+    """Random normals, with every special value in a whole block of 32 and in the tail;
+    blocks 0 and 2 hold none (the fast path)."""
+    g = torch.randn(n, generator=generator)
+    special = float_from_bits(SPECIAL_FLOAT_BITS)
+    g[32:32 + special.numel()] = special
+    g[n - special.numel():] = special
+    return g
+
+
+def test_bit_exact_round_to_nearest_matches_torch_on_ties_overflow_denormals_and_nan():
+    """SGD's first step stores the grad itself as the bf16 momentum buffer: its bits must
+    be torch's conversion of the grad, including denormals (which vcvtne2ps2bf16 would
+    flush) and NaN (whose payload it would keep)."""
+    n = 32 * 4 + len(SPECIAL_FLOAT_BITS) + 5
+    g = grads_with_special_values(n, torch.Generator().manual_seed(0))
+    bits = g.view(torch.int32).to(torch.int64) & U32
+    by_formula = ((bits + 0x7FFF + ((bits >> 16) & 1)) & U32) >> 16
+    expected = torch_bf16_bits(g)
+    ordered = ~g.isnan()
+    assert torch.equal(expected[ordered], by_formula[ordered].to(torch.int32)), "the oracle is not RNE"
+    p = torch.zeros(n, requires_grad=True)
+    opt = fusedopt.SGD([p], lr=0.1, momentum=0.9, state_dtype=torch.bfloat16)
+    p.grad = g.clone()
+    opt.step()
+    assert_bits(bf16_bits(opt.state[p]["momentum_buffer"]), expected, "momentum_buffer")
+
+
+def flat_rows(sizes):
+    offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+    return torch.tensor([[o, r, i] for i, (o, r) in enumerate(zip(offsets, sizes))], dtype=torch.int64)
+
+
+@pytest.mark.parametrize("amsgrad", [False, True], ids=["adam", "amsgrad"])
+def test_bit_exact_stochastic_rounding_of_params_and_moments_is_the_counter_hash(amsgrad):
+    """One AdamW step of bf16 params and bf16 moments with a given seed: each stored value
+    is the fp32 result (the same op on float32 copies) rounded with its own 16 bits of the
+    hash of (seed, flat index), slot 0 the param, 1 exp_avg, 2 exp_avg_sq, 3 max_exp_avg_sq.
+    Two rows (the second starts mid-block) with tails; values include denormal moments,
+    inf and NaN."""
+    generator = torch.Generator().manual_seed(1)
+    sizes = [70, 45]
+    n = sum(sizes)
+    params = (torch.randn(n, generator=generator) * 2).bfloat16()
+    grads = torch.randn(n, generator=generator).bfloat16()
+    grads[3], grads[80] = 1e-20, -3e-39   # second moments and first moments go denormal
+    grads[5], params[90], params[100] = float("inf"), float("nan"), float("inf")
+    states = [torch.randn(n, generator=generator).bfloat16() * 1e-2,
+              torch.rand(n, generator=generator).bfloat16() * 1e-3]
+    states[0][80] = states[1][3] = 0.0
+    states.append(states[1] * 1.5)
+    segments = flat_rows(sizes)
+    seed = 0x5DEECE66D1234567
+
+    def step(dtype, rounding_seed):
+        rows = [params[o:o + r].to(dtype).clone() for o, r, _ in segments.tolist()]
+        row_grads = [grads[o:o + r].to(dtype).clone() for o, r, _ in segments.tolist()]
+        m, v, vmax = (s.to(dtype).clone() for s in states)
+        fusedopt.ops.adam_step_(rows, m, v, vmax if amsgrad else None, torch.full((2,), 4.0), row_grads, segments,
+                                1e-2, None, 0.9, 0.999, 0.1, 1e-8, True, False, None, None, None, False, None,
+                                rounding_seed)
+        return [torch.cat(rows), m, v] + ([vmax] if amsgrad else [])
+
+    exact = step(torch.float32, None)
+    stored = step(torch.bfloat16, torch.tensor([seed], dtype=torch.int64))
+    tiny = torch.finfo(torch.float32).tiny
+    assert 0 < exact[1][80].abs() < tiny and 0 < exact[2][3] < tiny, "no denormal moment was stored"
+    for slot, (value, fp32) in enumerate(zip(stored, exact)):
+        assert_bits(bf16_bits(value), stochastic_bf16_bits(fp32, 0, seed, slot), f"slot {slot}")
+
+
+def test_bit_exact_stochastic_rounding_of_sgd_params_and_momentum():
+    generator = torch.Generator().manual_seed(2)
+    n = 32 * 3 + 9
+    params = torch.randn(n, generator=generator).bfloat16()
+    grads = torch.randn(n, generator=generator).bfloat16()
+    params[40], params[n - 2] = float("nan"), float("-inf")
+    buf = torch.randn(n, generator=generator).bfloat16()
+    segments = flat_rows([n])
+    seed = -12345  # a negative int64 seed: its bits, as the kernels read them
+
+    def step(dtype, rounding_seed):
+        p, g, b = params.to(dtype).clone(), grads.to(dtype).clone(), buf.to(dtype).clone()
+        fusedopt.ops.sgd_step_([p], b, torch.ones(1), [g], segments, 0.37, None, 0.9, 0.1, 0.01, True, False,
+                               None, None, None, False, None, rounding_seed)
+        return p, b
+
+    exact = step(torch.float32, None)
+    stored = step(torch.bfloat16, torch.tensor([seed], dtype=torch.int64))
+    for slot, (value, fp32) in enumerate(zip(stored, exact)):
+        assert_bits(bf16_bits(value), stochastic_bf16_bits(fp32, 0, seed, slot), f"slot {slot}")
+
+
+def test_bit_exact_kernel_variant_is_the_one_asked_for():
+    wanted = os.environ.get("FUSEDOPT_CPU_KERNELS")
+    if not wanted:
+        pytest.skip("runs inside test_every_cpu_kernel_variant_rounds_bit_exact")
+    assert fusedopt.ops.CPU_ISA == wanted
+
+
+def cpu_kernel_variants():
+    """Every CPU kernel module this CPU can run, with the ATen capability it pairs with."""
+    variants = []
+    capability = torch.backends.cpu.get_cpu_capability()
+    for isa in fusedopt.ops._ISA_PREFERENCE.get(capability, ("default",)):
+        if fusedopt.ops._cpu_runs(isa) and importlib.util.find_spec(f"fusedopt._cpu_{isa}") is not None:
+            variants.append(isa)
+    return variants
+
+
+@pytest.mark.parametrize("isa", ["avx512_bf16", "avx512", "avx2", "default"])
+def test_every_cpu_kernel_variant_rounds_bit_exact(isa):
+    """The tests above, in a fresh process per ISA variant (torch's own conversion, the
+    oracle, at the matching capability): the variants round alike, NaN as torch's
+    vectorized conversion stores it on that ISA."""
+    if os.environ.get("FUSEDOPT_CPU_KERNELS"):
+        pytest.skip("already inside a variant's run")
+    if isa not in cpu_kernel_variants():
+        pytest.skip(f"this CPU or build has no {isa} kernels")
+    if isa == fusedopt.ops.CPU_ISA:
+        pytest.skip(f"{isa} is this process's: the tests above ran on it")
+    env = dict(os.environ, FUSEDOPT_CPU_KERNELS=isa)
+    if isa in ("avx2", "default"):
+        env["ATEN_CPU_CAPABILITY"] = isa
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "bit_exact"],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "5 passed" in run.stdout, run.stdout[-500:]  # the four rounding tests and the variant check
 
 
 # ----------------------------------------------------------------------------- checkpoints

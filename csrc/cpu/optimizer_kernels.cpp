@@ -2,8 +2,9 @@
 // math of optimizer_math.h.
 //
 // setup.py compiles this file once per x86 ISA level (CPU_CAPABILITY = DEFAULT, AVX2,
-// AVX512) into separate modules; fusedopt/ops.py loads the best one for the running
-// CPU, which registers these kernels for the CPU dispatch key.
+// AVX512, and AVX512 with FUSEDOPT_AVX512_BF16) into separate modules; fusedopt/ops.py
+// loads the best one for the running CPU, which registers these kernels for the CPU
+// dispatch key.
 #include "optimizer_math.h"
 #include "segment_table.h"
 #include "state_buffers.h"
@@ -118,23 +119,124 @@ struct VecIO {  // float, double: two plain vectors
   }
 };
 
+#if defined(CPU_CAPABILITY_AVX512)
+// [note: bfloat16 on AVX-512] A bfloat16 is the high half of a float's bits. A block of
+// 32 loads as one word permutation per 16 (each bfloat16 into the high half of a 32-bit
+// lane, zeros below), and stores, once rounded, as the high halves of its 32 lanes
+// gathered in order by one vpermt2w. at::vec's conversions take a zero-extension and a
+// shift per 16 to load and, to store, a shift, a mask, two adds and a blend per 16 plus a
+// pack and a lane fix-up per 32. On this project's Zen 4 those shifts and shuffles
+// share pipes with Adam's divides and square roots, which already bound the fp32 step:
+// at::vec's sequences made bf16 params + bf16 state 1.5x slower than fp32 per element
+// in cache (0.74 vs 0.50 ns), these match it. The bits are at::vec's, NaN (stored as
+// 0xffff) included.
+namespace bf16x32 {
+
+// Word indices: each 32-bit lane k takes bfloat16 `first + k` into its high half.
+template <int first>
+inline __m512i high_half_index() {
+  return _mm512_set_epi32((first + 15) << 16, (first + 14) << 16, (first + 13) << 16, (first + 12) << 16,
+                          (first + 11) << 16, (first + 10) << 16, (first + 9) << 16, (first + 8) << 16,
+                          (first + 7) << 16, (first + 6) << 16, (first + 5) << 16, (first + 4) << 16,
+                          (first + 3) << 16, (first + 2) << 16, (first + 1) << 16, first << 16);
+}
+constexpr __mmask32 kHighWords = 0xaaaaaaaau;
+
+inline void unpack(__m512i packed, Vectorized<float>& lo, Vectorized<float>& hi) {
+  lo = _mm512_castsi512_ps(_mm512_maskz_permutexvar_epi16(kHighWords, high_half_index<0>(), packed));
+  hi = _mm512_castsi512_ps(_mm512_maskz_permutexvar_epi16(kHighWords, high_half_index<16>(), packed));
+}
+
+// The high halves of lo's then hi's 32-bit lanes, in order; 0xffff where `nan_of_lo` /
+// `nan_of_hi` (the floats being stored) are NaN, as at::vec stores NaN.
+inline __m512i high_halves(__m512i lo, __m512i hi, __m512 nan_of_lo, __m512 nan_of_hi) {
+  // Word 2k+1 of (lo, hi): lane k's high half; idx bit 5 picks hi.
+  const __m512i odd_words = _mm512_set_epi32(
+      0x003f003d, 0x003b0039, 0x00370035, 0x00330031, 0x002f002d, 0x002b0029, 0x00270025, 0x00230021,
+      0x001f001d, 0x001b0019, 0x00170015, 0x00130011, 0x000f000d, 0x000b0009, 0x00070005, 0x00030001);
+  const __m512i packed = _mm512_permutex2var_epi16(lo, odd_words, hi);
+  // One compare finds whether either vector holds a NaN (unordered: either operand is).
+  if (C10_LIKELY(_mm512_cmp_ps_mask(nan_of_lo, nan_of_hi, _CMP_UNORD_Q) == 0)) return packed;
+  const __mmask32 nan = _mm512_kunpackw(_mm512_cmp_ps_mask(nan_of_hi, nan_of_hi, _CMP_UNORD_Q),
+                                        _mm512_cmp_ps_mask(nan_of_lo, nan_of_lo, _CMP_UNORD_Q));
+  return _mm512_mask_mov_epi16(packed, nan, _mm512_set1_epi32(-1));
+}
+
+// x + 0x7fff + (bit 16 of x): its high half is x rounded to nearest even.
+inline __m512i nearest_even_biased(__m512 x) {
+  const __m512i bits = _mm512_castps_si512(x);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  return _mm512_add_epi32(_mm512_add_epi32(bits, _mm512_set1_epi32(0x7fff)), lsb);
+}
+
+// lo, hi rounded to nearest even, as at::vec's convert_from_float<BFloat16>.
+inline __m512i round_nearest(__m512 lo, __m512 hi) {
+#if defined(FUSEDOPT_AVX512_BF16)
+  // vcvtne2ps2bf16 rounds a normal number, a zero or an infinity exactly as the integer
+  // sequence, but flushes denormals to zero and keeps a NaN's payload: a block holding
+  // either (never in practice) takes the integer path.
+  constexpr int kNanOrDenormal = 0x01 | 0x20 | 0x80;  // quiet NaN, denormal, signalling NaN
+  if (C10_LIKELY((_mm512_fpclass_ps_mask(lo, kNanOrDenormal) | _mm512_fpclass_ps_mask(hi, kNanOrDenormal)) == 0))
+    return (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
+#endif
+  return high_halves(nearest_even_biased(lo), nearest_even_biased(hi), lo, hi);
+}
+
+template <typename Count>
+inline __m512i load(const c10::BFloat16* ptr, Count count) {
+  if (count == 32) return _mm512_loadu_si512(ptr);
+  return _mm512_maskz_loadu_epi16(static_cast<__mmask32>((uint64_t(1) << count) - 1), ptr);
+}
+
+template <typename Count>
+inline void store(c10::BFloat16* ptr, __m512i packed, Count count) {
+  if (count == 32) _mm512_storeu_si512(ptr, packed);
+  else _mm512_mask_storeu_epi16(ptr, static_cast<__mmask32>((uint64_t(1) << count) - 1), packed);
+}
+
+}  // namespace bf16x32
+#endif
+
 template <typename scalar_t>
 struct VecIO<scalar_t, std::enable_if_t<at::vec::is_reduced_floating_point_v<scalar_t>>> {
   using opmath_t = float;
   using Vec = Vectorized<float>;
   static constexpr int64_t kWidth = Vectorized<scalar_t>::size();
+#if defined(CPU_CAPABILITY_AVX512)
+  static constexpr bool kBf16x32 = std::is_same_v<scalar_t, c10::BFloat16>;  // [note: bfloat16 on AVX-512]
+#else
+  static constexpr bool kBf16x32 = false;
+#endif
   template <typename Count = std::integral_constant<int64_t, kWidth>>
   static void load(const scalar_t* ptr, Vec& lo, Vec& hi, Count count = {}) {
+#if defined(CPU_CAPABILITY_AVX512)
+    if constexpr (kBf16x32) {
+      bf16x32::unpack(bf16x32::load(ptr, count), lo, hi);
+      return;
+    }
+#endif
     const auto loaded = count == kWidth ? Vectorized<scalar_t>::loadu(ptr) : Vectorized<scalar_t>::loadu(ptr, count);
     std::tie(lo, hi) = at::vec::convert_to_float<scalar_t>(loaded);
   }
   template <typename Count = std::integral_constant<int64_t, kWidth>>
   static void store(scalar_t* ptr, const Vec& lo, const Vec& hi, Count count = {}) {
+#if defined(CPU_CAPABILITY_AVX512)
+    if constexpr (kBf16x32) {
+      bf16x32::store(ptr, bf16x32::round_nearest(lo, hi), count);
+      return;
+    }
+#endif
     if (count == kWidth) at::vec::convert_from_float<scalar_t>(lo, hi).store(ptr);
     else at::vec::convert_from_float<scalar_t>(lo, hi).store(ptr, count);
   }
   // lo, hi rounded to scalar_t (to nearest even) and back to float.
   static void load_rounded(const Vec& lo, const Vec& hi, Vec& rounded_lo, Vec& rounded_hi) {
+#if defined(CPU_CAPABILITY_AVX512)
+    if constexpr (kBf16x32) {
+      bf16x32::unpack(bf16x32::round_nearest(lo, hi), rounded_lo, rounded_hi);
+      return;
+    }
+#endif
     std::tie(rounded_lo, rounded_hi) =
         at::vec::convert_to_float<scalar_t>(at::vec::convert_from_float<scalar_t>(lo, hi));
   }
@@ -349,55 +451,69 @@ struct Rounding {
   uint32_t key;
 };
 
-// The random bits of one block of kWidth elements (two vectors) for up to four stored
-// values: the element hash once, then each pair's (optimizer_math.h, [note: random bits]).
-struct BlockBits {
-  Bits lo[2], hi[2];  // [pair]
+// rounding_counter of lanes 0..31 relative to a block's first element.
+constexpr std::array<int32_t, 32> kLaneCounters = [] {
+  std::array<int32_t, 32> lanes{};
+  for (uint32_t lane = 0; lane < 32; ++lane) lanes[lane] = static_cast<int32_t>(lane * 0x9e3779b1u);
+  return lanes;
+}();
 
-  BlockBits(const Rounding& rounding, int64_t index, int pairs) {
-    // rounding_counter of lanes 0..n-1, relative to the block's first element.
-    alignas(64) static const std::array<int32_t, 32> kLaneCounters = [] {
-      std::array<int32_t, 32> lanes{};
-      for (uint32_t lane = 0; lane < 32; ++lane) lanes[lane] = static_cast<int32_t>(lane * 0x9e3779b1u);
-      return lanes;
-    }();
+// The random bits of one block of kWidth elements (two vectors): the element hash once,
+// then each stored value's 16 bits (optimizer_math.h, [note: random bits]).
+struct BlockBits {
+  Bits hash[2];  // rounding_element_hash of the block's lo and hi lanes
+  Bits high[2];  // hash >> 16, the hash's own last shift
+
+  BlockBits() = default;
+  BlockBits(const Rounding& rounding, int64_t index) {
     static_assert(2 * Bits::size() <= 32);
     const Bits base(static_cast<int32_t>(rounding_counter(static_cast<uint32_t>(index), rounding.key)));
-    const Bits first = base + Bits::loadu(kLaneCounters.data());
-    const Bits second = base + Bits::loadu(kLaneCounters.data() + Bits::size());
-    const Bits hash_lo = mix_bits(first), hash_hi = mix_bits(second);
-    lo[0] = hash_lo;
-    hi[0] = hash_hi;
-    if (pairs > 1) {
-      lo[1] = rounding_pair_hash(hash_lo, 1);
-      hi[1] = rounding_pair_hash(hash_hi, 1);
+    for (int half = 0; half < 2; ++half) {
+      const Bits mixed = mix_bits_until_last_shift(base + Bits::loadu(kLaneCounters.data() + half * Bits::size()));
+      high[half] = shift_right_logical(mixed, 16);
+      hash[half] = mixed ^ high[half];
     }
+  }
+
+  // rounding_half(rounding_pair_hash(hash, slot / 2), slot) of vector `half` (0: lo).
+  Bits random16(int slot, int half) const {
+    if (slot == 1) return high[half];
+#if defined(CPU_CAPABILITY_AVX512)
+    // Slot 2's bits are the low half of hash * 0x2c1b3c6d, which only the hash's low
+    // half reaches: one 16-bit multiply by 0x3c6d (by 0 in the high half) gives them.
+    if (slot == 2) return Bits(_mm512_mullo_epi16(hash[half], _mm512_set1_epi32(0x3c6d)));
+#endif
+    return rounding_half(rounding_pair_hash(hash[half], slot >> 1), slot);
   }
 };
 
 // Stores kWidth opmath values (count of them) at ptr as storage type T, rounding
-// stochastically with `bits` (value `slot`'s half of them) when given.
+// stochastically with `bits` (value `slot`'s 16 of them) when given.
 template <typename T, typename Vec, typename Count>
 inline void store_rounded(T* ptr, Vec lo, Vec hi, const BlockBits* bits, int slot, Count count) {
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
     if (bits != nullptr) {
-      const Bits random_lo = rounding_half(bits->lo[slot >> 1], slot);
-      const Bits random_hi = rounding_half(bits->hi[slot >> 1], slot);
+      const Bits random_lo = bits->random16(slot, 0), random_hi = bits->random16(slot, 1);
 #if defined(CPU_CAPABILITY_AVX512)
-      // round_stochastic_to_bfloat16, with its truncation done by taking the high half
+      // round_stochastic_to_bfloat16, its truncation done by keeping the high halves
       // (the general path would round the already-rounded value to nearest once more).
+      bf16x32::store(ptr, bf16x32::high_halves(float_bits(lo) + random_lo, float_bits(hi) + random_hi, lo, hi),
+                     count);
+      return;
+#elif defined(CPU_CAPABILITY_AVX2)
+      // The same with AVX2: the high halves by shift and pack, NaN as at::vec stores it.
       auto high_half = [](Vec x, Bits random) {
-        const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(float_bits(x), random), 16);
-        const __mmask16 is_number = _mm512_cmp_ps_mask(x, x, _CMP_ORD_Q);
-        return _mm512_mask_blend_epi32(is_number, _mm512_set1_epi32(0xffff), rounded);  // NaN as at::vec
+        const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(float_bits(x), random), 16);
+        return _mm256_blendv_epi8(_mm256_set1_epi32(0xffff), rounded, _mm256_castps_si256(_mm256_cmp_ps(x, x, _CMP_ORD_Q)));
       };
-      const __m512i packed = _mm512_permutexvar_epi64(_mm512_set_epi64(7, 5, 3, 1, 6, 4, 2, 0),
-                                                      _mm512_packus_epi32(high_half(lo, random_lo),
-                                                                          high_half(hi, random_hi)));
+      const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(high_half(lo, random_lo), high_half(hi, random_hi)),
+                                                      0xd8);
       if (count == VecIO<T>::kWidth) {
-        _mm512_storeu_si512(ptr, packed);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(ptr), packed);
       } else {
-        _mm512_mask_storeu_epi16(ptr, (__mmask32)((1ull << count) - 1), packed);
+        alignas(32) c10::BFloat16 block[VecIO<T>::kWidth];
+        _mm256_store_si256(reinterpret_cast<__m256i*>(block), packed);
+        std::copy(block, block + count, ptr);
       }
       return;
 #else
@@ -495,6 +611,12 @@ void adam_kernel(const std::vector<scalar_t*>& param_rows, float* master, state_
         state_t* v = exp_avg_sq + first_index;
         state_t* vmax = amsgrad ? max_exp_avg_sq + first_index : nullptr;
         for_each_block<IO::kWidth>(n, [&](int64_t i, auto count) {
+          // The random bits first: they depend on the index only, so they are computed
+          // while the loads and the divides are in flight, not queued behind them.
+          const bool stochastic = kMayRoundStochastically<scalar_t, state_t> && rounding.stochastic;
+          BlockBits block_bits;
+          if (stochastic) block_bits = BlockBits(rounding, first_index + i);
+          const BlockBits* bits = stochastic ? &block_bits : nullptr;
           Vec p0, p1, g0, g1, m0, m1, v0, v1, x0, x1;
           load_param(p + i, pm != nullptr ? pm + i : nullptr, p0, p1, count);
           IO::load(g + i, g0, g1, count);
@@ -503,18 +625,10 @@ void adam_kernel(const std::vector<scalar_t*>& param_rows, float* master, state_
           if constexpr (amsgrad) SIO::load(vmax + i, x0, x1, count);
           adam_update<amsgrad>(p0, effective_grad(g0, scale_ptr, multiplier_ptr, maximize), m0, v0, x0, c);
           adam_update<amsgrad>(p1, effective_grad(g1, scale_ptr, multiplier_ptr, maximize), m1, v1, x1, c);
-          auto store = [&](const BlockBits* bits) {
-            store_param(p + i, pm != nullptr ? pm + i : nullptr, p0, p1, bits, count);
-            store_rounded(m + i, m0, m1, bits, 1, count);
-            store_rounded(v + i, v0, v1, bits, 2, count);
-            if constexpr (amsgrad) store_rounded(vmax + i, x0, x1, bits, 3, count);
-          };
-          if (kMayRoundStochastically<scalar_t, state_t> && rounding.stochastic) {
-            const BlockBits bits(rounding, first_index + i, 2);  // (param, m), (v, vmax)
-            store(&bits);
-          } else {
-            store(nullptr);
-          }
+          store_param(p + i, pm != nullptr ? pm + i : nullptr, p0, p1, bits, count);
+          store_rounded(m + i, m0, m1, bits, 1, count);
+          store_rounded(v + i, v0, v1, bits, 2, count);
+          if constexpr (amsgrad) store_rounded(vmax + i, x0, x1, bits, 3, count);
         });
       });
     });
@@ -548,6 +662,10 @@ void sgd_kernel(const std::vector<scalar_t*>& param_rows, float* master, state_t
         float* pm = master != nullptr ? master + first_index : nullptr;
         state_t* buf = has_momentum ? momentum_buffer + first_index : nullptr;
         for_each_block<IO::kWidth>(n, [&](int64_t i, auto count) {
+          const bool stochastic = kMayRoundStochastically<scalar_t, state_t> && rounding.stochastic;
+          BlockBits block_bits;  // first, as in adam_kernel
+          if (stochastic) block_bits = BlockBits(rounding, first_index + i);
+          const BlockBits* bits = stochastic ? &block_bits : nullptr;
           Vec p0, p1, g0, g1, b0, b1;
           load_param(p + i, pm != nullptr ? pm + i : nullptr, p0, p1, count);
           IO::load(g + i, g0, g1, count);
@@ -556,16 +674,8 @@ void sgd_kernel(const std::vector<scalar_t*>& param_rows, float* master, state_t
                                              b0, first_time, c);
           sgd_update<has_momentum, nesterov>(p1, effective_grad(g1, scale_ptr, multiplier_ptr, maximize),
                                              b1, first_time, c);
-          auto store = [&](const BlockBits* bits) {
-            store_param(p + i, pm != nullptr ? pm + i : nullptr, p0, p1, bits, count);
-            if constexpr (has_momentum) store_rounded(buf + i, b0, b1, bits, 1, count);
-          };
-          if (kMayRoundStochastically<scalar_t, state_t> && rounding.stochastic) {
-            const BlockBits bits(rounding, first_index + i, 1);
-            store(&bits);
-          } else {
-            store(nullptr);
-          }
+          store_param(p + i, pm != nullptr ? pm + i : nullptr, p0, p1, bits, count);
+          if constexpr (has_momentum) store_rounded(buf + i, b0, b1, bits, 1, count);
         });
       });
     });
