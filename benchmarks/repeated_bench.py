@@ -6,7 +6,8 @@ README's "Measured" and in closing notes are taken.
     python benchmarks/repeated_bench.py --runs 5 --out bench-runs -- \\
         --placements owned,shared-memory --models many-small,gpt2-small --skip for-loop,foreach
 
-Everything after ``--`` goes to every run of the bench (its own --out is set here). Where
+Everything after ``--`` goes to every run of the bench (its own --out is set here). With
+--low-precision, a second table gives each mode's speedup over fusedopt's fp32 step. Where
 torch's fused step fails (its SGD has no DTensor rule under FSDP2), the ratio is taken over
 torch's fastest implementation that ran, and the table says which. Each run's load verdict
 and copy bandwidth are listed: a LOADED run's ratios are not the machine's quiet ones.
@@ -54,6 +55,29 @@ def table(runs: list[dict]) -> str:
         lines.append(f"| {model} | {algo} | {', '.join(sorted(against))} | {statistics.median(base_ms):.1f} "
                      f"| {statistics.median(ours):.1f} | {' '.join(f'{r:.2f}' for r in ratios)} "
                      f"| **{statistics.median(ratios):.2f}x** | {min(ratios):.2f}-{max(ratios):.2f} |")
+    if any(run["config"].get("low_precision") for run in runs):
+        lines += ["", low_precision_table(runs)]
+    return "\n".join(lines)
+
+
+def low_precision_table(runs: list[dict]) -> str:
+    """--low-precision runs: each mode's speedup over fusedopt's own fp32 step in the same
+    run, beside that run's copy bandwidth (what tells a fast-memory run from a slow one)."""
+    lines = ["| case | algo | mode | vs fusedopt fp32 per run (copy GB/s) | median | range |",
+             "| --- | --- | --- | --- | ---: | --- |"]
+    rows = [r for run in runs for r in run["results"]]
+    modes = dict.fromkeys(r["impl"] for r in rows if r["impl"].startswith("fusedopt, "))
+    for model, algo in dict.fromkeys((r["model"], r["algo"]) for r in rows):
+        for mode in modes:
+            ratios, cells = [], []
+            for run in runs:
+                ms = {r["impl"]: r["ms"] for r in run["results"] if (r["model"], r["algo"]) == (model, algo)}
+                if ms.get("fusedopt") and ms.get(mode):
+                    ratios.append(ms["fusedopt"] / ms[mode])
+                    cells.append(f"{ratios[-1]:.2f} ({run['machine']['bandwidth']['copy_gbps']:.0f})")
+            if ratios:
+                lines.append(f"| {model} | {algo} | {mode.removeprefix('fusedopt, ')} | {', '.join(cells)} "
+                             f"| **{statistics.median(ratios):.2f}x** | {min(ratios):.2f}-{max(ratios):.2f} |")
     return "\n".join(lines)
 
 

@@ -30,7 +30,7 @@
 // CUDA kernels cannot see the device-resident table: they read a single param or
 // contiguous grad of another size than the row as the flat buffer holding the row at its
 // flat offset, a strided one from its start, either clamped to the tensor's end
-// (row_walk.cuh: never out of bounds, but not an error), so callers must pass tensors of
+// (row_table.h, row_span: never out of bounds, but not an error), so callers must pass tensors of
 // the right size: fusedopt's optimizers check every grad's shape against its
 // parameter's, and every parameter's place, before they call an op.
 #pragma once

@@ -4,7 +4,7 @@ fused steps (and, on CUDA, a torch.compile'd step), all in one run.
     python -m fusedopt.bench --quick
     fusedopt-bench --models gpt2-small,resnet50 --algos adamw --dtype bfloat16 --out bench-out
     fusedopt-bench --contention 1 --models gpt2-small --algos adamw   # under load, on purpose
-    fusedopt-bench --low-precision --models gpt2-small --algos adamw  # bf16 state, stochastic rounding
+    fusedopt-bench --low-precision --models gpt2-small --algos adamw  # bf16 state, bf16 params, stochastic rounding
 
 Models are parameter *shapes* only (plain tensors, no download) with random grads, so a
 timed step is the optimizer's work and nothing else. Implementations are timed
@@ -158,6 +158,7 @@ TORCH_FUSED = "torch fused"
 FUSEDOPT = "fusedopt"
 FUSEDOPT_FLAT = "fusedopt (flat grads)"
 FUSEDOPT_BF16_STATE = "fusedopt, bf16 state"
+FUSEDOPT_BF16 = "fusedopt, bf16 params + bf16 state"
 FUSEDOPT_BF16_SR = "fusedopt, bf16 + stochastic rounding"
 TORCH_PEERS = [
     Peer("torch for-loop", {"foreach": False}),
@@ -183,6 +184,7 @@ class LowPrecision:
 # The fp32 implementations keep every buffer in float32; these store fewer bytes.
 LOW_PRECISION = [
     LowPrecision(FUSEDOPT_BF16_STATE, torch.float32, {"state_dtype": torch.bfloat16}),
+    LowPrecision(FUSEDOPT_BF16, torch.bfloat16, {"state_dtype": torch.bfloat16}),  # rounded to nearest
     LowPrecision(FUSEDOPT_BF16_SR, torch.bfloat16, {"state_dtype": torch.bfloat16, "stochastic_rounding": True}),
 ]
 # With --low-precision only the fused fp32 steps run beside them (the slower torch
@@ -621,7 +623,7 @@ def summary_rows(rows: list[dict], models, algos) -> list[dict]:
 SUMMARY_COLUMNS = ["model", "algo", "torch fused ms", "fusedopt ms", "speedup",
                    "fusedopt, flat grads ms", "speedup", "torch foreach ms", "torch for-loop ms"]
 FULL_COLUMNS = ["model", "algo", "impl", "B/elem", "ms", "GB/s", "%bw", "extra MiB", "vs torch fused", "note"]
-LOW_PRECISION_COLUMNS = ["model", "algo", "impl", "bytes/element", "ms", "vs torch fused fp32"]
+LOW_PRECISION_COLUMNS = ["model", "algo", "impl", "bytes/element", "ms", "vs torch fused fp32", "vs fusedopt fp32"]
 
 
 def fmt(value, spec: str, suffix: str = "") -> str:
@@ -665,9 +667,16 @@ def full_table(rows: list[dict]) -> str:
 def low_precision_table(rows: list[dict]) -> str:
     """--low-precision's headline: each mode's bytes per element and time beside torch fused fp32."""
     shown = [r for r in rows if r["impl"] in (TORCH_FUSED, FUSEDOPT, *(m.name for m in LOW_PRECISION))]
+    fp32 = {(r["model"], r["algo"]): r["ms"] for r in shown if r["impl"] == FUSEDOPT}
+
+    def vs_fp32(r):  # the mode's speedup over fusedopt's own fp32 step in the same run
+        base = fp32.get((r["model"], r["algo"]))
+        return base / r["ms"] if base and r["ms"] else None
+
     return markdown_table(LOW_PRECISION_COLUMNS, [
         [r["model"], r["algo"], r["impl"], fmt(r["bytes_per_element"], "d"), fmt(r["ms"], ".1f"),
-         "**" + fmt(r["speedup_vs_torch_fused"], ".2f", "x") + "**"] for r in shown], range(3, 6))
+         "**" + fmt(r["speedup_vs_torch_fused"], ".2f", "x") + "**", fmt(vs_fp32(r), ".2f", "x")]
+        for r in shown], range(3, 7))
 
 
 def reps_text(rows: list[dict], args) -> str:
@@ -713,7 +722,7 @@ def footer_notes(args, machine: dict, load: dict, rows: list[dict]) -> list[str]
 # and fusedopt, are orange and blue; the slower torch steps are greys.
 COLOURS = {"torch for-loop": "#bbbbbb", "torch foreach": "#888888", TORCH_FUSED: "#e69f00",
            "torch compiled": "#cc79a7", FUSEDOPT: "#0072b2", FUSEDOPT_FLAT: "#56b4e9",
-           FUSEDOPT_BF16_STATE: "#009e73", FUSEDOPT_BF16_SR: "#d55e00"}
+           FUSEDOPT_BF16_STATE: "#009e73", FUSEDOPT_BF16: "#f0e442", FUSEDOPT_BF16_SR: "#d55e00"}
 
 
 def plot(rows: list[dict], summary: list[dict], title: str, loaded: bool, path: Path) -> None:
@@ -883,9 +892,9 @@ def make_parser(prog: str) -> argparse.ArgumentParser:
                              "core busy each (and stops afterwards): how each implementation "
                              "holds up under load (default: none)")
     parser.add_argument("--low-precision", action="store_true",
-                        help="also time fusedopt with bf16 state (fp32 params) and with bf16 params, bf16 "
-                             "state and stochastic rounding, beside torch fused fp32 (only torch's fused "
-                             "step runs of torch's)")
+                        help="also time fusedopt with bf16 state (fp32 params), with bf16 params and bf16 "
+                             "state (rounded to nearest), and with those and stochastic rounding, beside "
+                             "torch fused fp32 (only torch's fused step runs of torch's)")
     parser.add_argument("--skip", type=name_list(PEER_KEYS, "torch implementation"), default=[],
                         help=f"comma list of torch implementations not to time, from {', '.join(PEER_KEYS)} "
                              "(default: none; compiled: torch.compile of a step over 3000 tensors, "
