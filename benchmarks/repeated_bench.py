@@ -10,7 +10,8 @@ Everything after ``--`` goes to every run of the bench (its own --out is set her
 --low-precision, a second table gives each mode's speedup over fusedopt's fp32 step. Where
 torch's fused step fails (its SGD has no DTensor rule under FSDP2), the ratio is taken over
 torch's fastest implementation that ran, and the table says which. Each run's load verdict
-and copy bandwidth are listed: a LOADED run's ratios are not the machine's quiet ones.
+and bandwidth (the bench's bandwidth line) are listed: a LOADED run's ratios are not the
+machine's quiet ones.
 """
 from __future__ import annotations
 
@@ -33,10 +34,10 @@ def baseline(ms: dict[str, float | None]) -> tuple[str, float] | None:
 
 
 def table(runs: list[dict]) -> str:
-    lines = ["| run | load | other processes (cores) | copy GB/s |", "| --- | --- | ---: | ---: |"]
+    lines = ["| run | load | other processes (cores) | bandwidth GB/s |", "| --- | --- | ---: | ---: |"]
     for i, run in enumerate(runs, 1):
         lines.append(f"| {i} | {run['load']['verdict']} | {run['load']['during']['other_cores']:.2f} "
-                     f"| {run['machine']['bandwidth']['copy_gbps']:.0f} |")
+                     f"| {run['machine']['bandwidth']['reference_gbps']:.0f} |")
     lines += ["", "| case | algo | against | its ms | fusedopt ms | speedup per run | median | range |",
               "| --- | --- | --- | ---: | ---: | --- | ---: | --- |"]
     for model, algo in dict.fromkeys((s["model"], s["algo"]) for run in runs for s in run["summary"]):
@@ -62,8 +63,8 @@ def table(runs: list[dict]) -> str:
 
 def low_precision_table(runs: list[dict]) -> str:
     """--low-precision runs: each mode's speedup over fusedopt's own fp32 step in the same
-    run, beside that run's copy bandwidth (what tells a fast-memory run from a slow one)."""
-    lines = ["| case | algo | mode | vs fusedopt fp32 per run (copy GB/s) | median | range |",
+    run, beside that run's bandwidth line (what tells a fast-memory run from a slow one)."""
+    lines = ["| case | algo | mode | vs fusedopt fp32 per run (bandwidth GB/s) | median | range |",
              "| --- | --- | --- | --- | ---: | --- |"]
     rows = [r for run in runs for r in run["results"]]
     modes = dict.fromkeys(r["impl"] for r in rows if r["impl"].startswith("fusedopt, "))
@@ -74,7 +75,7 @@ def low_precision_table(runs: list[dict]) -> str:
                 ms = {r["impl"]: r["ms"] for r in run["results"] if (r["model"], r["algo"]) == (model, algo)}
                 if ms.get("fusedopt") and ms.get(mode):
                     ratios.append(ms["fusedopt"] / ms[mode])
-                    cells.append(f"{ratios[-1]:.2f} ({run['machine']['bandwidth']['copy_gbps']:.0f})")
+                    cells.append(f"{ratios[-1]:.2f} ({run['machine']['bandwidth']['reference_gbps']:.0f})")
             if ratios:
                 lines.append(f"| {model} | {algo} | {mode.removeprefix('fusedopt, ')} | {', '.join(cells)} "
                              f"| **{statistics.median(ratios):.2f}x** | {min(ratios):.2f}-{max(ratios):.2f} |")
