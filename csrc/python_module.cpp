@@ -316,6 +316,19 @@ PyObject* bump_versions(PyObject* /*module*/, PyObject* tensors) {
   Py_RETURN_NONE;
 }
 
+// The tensors of a Python list, appended to `tensors`; false with a TypeError set if
+// any item is not a tensor.
+bool unpack_tensors(PyObject* list, std::vector<at::Tensor>& tensors) {
+  for (Py_ssize_t i = 0; i < PyList_GET_SIZE(list); ++i) {
+    if (!THPVariable_Check(PyList_GET_ITEM(list, i))) {
+      PyErr_SetString(PyExc_TypeError, "expected lists of tensors");
+      return false;
+    }
+    tensors.push_back(THPVariable_Unpack(PyList_GET_ITEM(list, i)));
+  }
+  return true;
+}
+
 // hold(tensors): an object holding a C++ reference to every tensor of a list, as long
 // as it lives. [note: C++ references for op calls] A tensor that only its Python object
 // holds flips between Python- and C++-owned whenever a C++ reference comes and goes
@@ -331,14 +344,7 @@ PyObject* hold(PyObject* /*module*/, PyObject* tensors) {
   }
   auto held = std::make_unique<std::vector<at::Tensor>>();
   held->reserve(PyList_GET_SIZE(tensors));
-  for (Py_ssize_t i = 0; i < PyList_GET_SIZE(tensors); ++i) {
-    PyObject* t = PyList_GET_ITEM(tensors, i);
-    if (!THPVariable_Check(t)) {
-      PyErr_SetString(PyExc_TypeError, "hold: expected a list of tensors");
-      return nullptr;
-    }
-    held->push_back(THPVariable_Unpack(t));
-  }
+  if (!unpack_tensors(tensors, *held)) return nullptr;
   PyObject* capsule = PyCapsule_New(held.get(), "fusedopt.held_tensors", [](PyObject* self) {
     delete static_cast<std::vector<at::Tensor>*>(PyCapsule_GetPointer(self, "fusedopt.held_tensors"));
   });
@@ -358,17 +364,6 @@ PyObject* hold(PyObject* /*module*/, PyObject* tensors) {
 //   _grad_offsets(grad, positions) -> (offsets, narrow): GradRef::offset of each
 //       position for `grad` as a table row (any device, meta too: only its sizes and
 //       strides are read), and whether that took the 32-bit path
-
-bool unpack_tensors(PyObject* list, std::vector<at::Tensor>& tensors) {
-  for (Py_ssize_t i = 0; i < PyList_GET_SIZE(list); ++i) {
-    if (!THPVariable_Check(PyList_GET_ITEM(list, i))) {
-      PyErr_SetString(PyExc_TypeError, "expected lists of tensors");
-      return false;
-    }
-    tensors.push_back(THPVariable_Unpack(PyList_GET_ITEM(list, i)));
-  }
-  return true;
-}
 
 // The RowTable of (params, grads, segments) as the CUDA kernels' plan_rows builds it.
 bool parse_rows(PyObject* args, std::vector<at::Tensor>& params, std::vector<at::Tensor>& grads,
