@@ -4,7 +4,8 @@ from __future__ import annotations
 import torch
 
 from . import ops
-from .optimizer import MASTER_KEY, FusedOptimizer, hyperparameter, reject_differentiable
+from .optimizer import FusedOptimizer
+from .options import MASTER_KEY, hyperparameter, reject_differentiable
 
 
 class Adam(FusedOptimizer):

@@ -19,7 +19,9 @@ import torch.distributed as dist
 
 from . import _C
 from .flat_buffer import SEGMENT_COLUMNS, FlatBuffer, is_dtensor
-from .optimizer import NOT_ADOPTED, FusedOptimizer, _synced, same_place
+from .optimizer import FusedOptimizer
+from .placement import NOT_ADOPTED, same_place
+from .public_state import _synced
 
 __all__ = ["ShardedOptimizer"]
 

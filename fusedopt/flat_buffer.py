@@ -152,8 +152,8 @@ class FlatBuffer:
         all_in_data = all(place in IN_DATA for place in self.places)
         self.data = torch.zeros(self.numel if all_in_data else _round_up(data_numel, align), dtype=self.dtype,
                                 device=self.device)
-        # Per row: where the parameter is expected (views) and the contiguous 1-D tensor
-        # the kernels update (homes).
+        # Per row: where the parameter is expected (views) and the contiguous tensor the
+        # kernels update (homes; segment_table.h).
         self.views: list[torch.Tensor] = []
         self.homes: list[torch.Tensor] = []
         with torch.no_grad():
@@ -174,7 +174,7 @@ class FlatBuffer:
                     # row at the kernel call (3000 rows: about 0.5 ms).
                     self.homes.append(self.views[-1])
                 else:  # dense: its memory from its lowest address
-                    self.homes.append(shard.detach().as_strided((numel,), (1,), shard.storage_offset()))
+                    self.homes.append(self.views[-1].as_strided((numel,), (1,), shard.storage_offset()))
         self._init_rows()
 
     def _init_rows(self) -> None:

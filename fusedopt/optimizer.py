@@ -21,13 +21,10 @@ from .clipping import Clipping, GradTransform
 from .compiled import CompiledStep
 from .flat_buffer import FlatBuffer, is_dtensor
 from .options import (LOW_PRECISION_DEFAULTS, MASTER_KEY, check_low_precision_group, check_params,
-                      check_state_dtype, drop_default_options, hyperparameter, reject_differentiable)
-from .placement import NOT_ADOPTED, CheckedPart, GroupPlan, Placement, same_place
-from .public_state import PublicState, _synced
+                      check_state_dtype, drop_default_options)
+from .placement import CheckedPart, GroupPlan, Placement
+from .public_state import PublicState
 from . import _C
-
-__all__ = ["FusedOptimizer", "MASTER_KEY", "LOW_PRECISION_DEFAULTS", "NOT_ADOPTED", "hyperparameter",
-           "reject_differentiable", "same_place", "_synced"]
 
 
 class FusedOptimizer(Placement, PublicState, Clipping, CompiledStep, Optimizer):

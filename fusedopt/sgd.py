@@ -6,7 +6,9 @@ import torch
 
 from . import ops
 from .flat_buffer import is_dtensor
-from .optimizer import MASTER_KEY, FusedOptimizer, hyperparameter, reject_differentiable, same_place
+from .optimizer import FusedOptimizer
+from .options import MASTER_KEY, hyperparameter, reject_differentiable
+from .placement import same_place
 
 
 class SGD(FusedOptimizer):

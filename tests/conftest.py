@@ -168,7 +168,7 @@ def torch_keys(group) -> set:
     """A fusedopt ``defaults``' keys but fusedopt's own options (state_dtype, master_weights,
     stochastic_rounding), which torch.optim's do not have (a param group holds them only
     where they differ from their defaults)."""
-    from fusedopt.optimizer import LOW_PRECISION_DEFAULTS
+    from fusedopt.options import LOW_PRECISION_DEFAULTS
     return set(group) - set(LOW_PRECISION_DEFAULTS)
 
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import fusedopt
-from fusedopt.optimizer import LOW_PRECISION_DEFAULTS
+from fusedopt.options import LOW_PRECISION_DEFAULTS
 from conftest import ALGOS, default_kwargs, make_params, random_grads, torch_keys
 
 

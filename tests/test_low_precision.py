@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 import fusedopt
-from fusedopt.optimizer import MASTER_KEY
+from fusedopt.options import MASTER_KEY
 
 SHAPES = [(5, 7), (1031,), (3, 4, 2), ()]  # vector tails, 0-dim
 WHOLE_VECTOR_SHAPES = [(8, 32), (48,), (4, 4, 2)]  # numel a multiple of 16: no scalar tail in torch

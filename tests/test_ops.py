@@ -87,7 +87,7 @@ def test_strided_grad_is_read_in_logical_order(device):
     "cpu",
     # Known limit, pinned so that a change shows: the CUDA segment table lives on the
     # device, and comparing grad sizes with it would cost a host sync every step. The
-    # optimizers compare grad and param shapes before the call (fusedopt/optimizer.py).
+    # optimizers compare grad and param shapes before the call (fusedopt/placement.py).
     *([pytest.param("cuda", marks=pytest.mark.xfail(
         strict=True, reason="the CUDA op cannot see the device-resident segment sizes"))]
       if torch.cuda.is_available() else []),
