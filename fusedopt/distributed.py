@@ -93,6 +93,7 @@ class BufferSlice:
             if start < stop or owns_empty:
                 self.owned[i] = Piece(start - lo, start - offset, max(stop - start, 0))
         self._calls: dict[tuple[int, ...], tuple[torch.Tensor, list[torch.Tensor], object]] = {}
+        self._last_call: tuple = (None, 0, None)
 
     def _make_params(self, rows) -> list[torch.Tensor]:
         return [self.data]

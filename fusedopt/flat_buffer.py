@@ -187,6 +187,7 @@ class FlatBuffer:
         self.step = torch.zeros(len(self.params), dtype=torch.float32, device=self.device)
         self.grad_buffer: torch.Tensor | None = None
         self._calls: dict[tuple[int, ...], tuple[torch.Tensor, list[torch.Tensor], object]] = {}
+        self._last_call: tuple = (None, 0, None)  # (rows list, its length, its call)
 
     # --- layout -----------------------------------------------------------------
     def view_of(self, flat: torch.Tensor, index: int) -> torch.Tensor:
@@ -214,7 +215,13 @@ class FlatBuffer:
     def _call(self, rows: list[int]) -> tuple[torch.Tensor, list[torch.Tensor], object]:
         """(segments, kernel params, a C++ hold on them) for a set of rows, cached per set
         so a device table is uploaded only when the set changes. The hold spares each
-        call a GIL round trip per row param ([note: C++ references for op calls])."""
+        call a GIL round trip per row param ([note: C++ references for op calls]). The
+        same list as the last call's is its set without hashing it again (a step asks
+        twice for its part's rows; a rows list is not changed once made: Part.rows grows
+        only while its plan is made, and the length is checked)."""
+        last_rows, last_length, call = self._last_call
+        if rows is last_rows and len(rows) == last_length:
+            return call
         key = tuple(rows)
         call = self._calls.get(key)
         if call is None:
@@ -222,6 +229,7 @@ class FlatBuffer:
                 self._calls.clear()
             params = self._make_params(rows)
             call = self._calls[key] = (self._make_segments(rows), params, _C.hold(params))
+        self._last_call = (rows, len(rows), call)
         return call
 
     def _make_segments(self, rows) -> torch.Tensor:

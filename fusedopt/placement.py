@@ -5,8 +5,7 @@ left its row gets a new one, state whose keys or dtypes changed is reset, and ba
 are refused before anything is written."""
 from __future__ import annotations
 
-import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -34,6 +33,14 @@ class Part:
     dtypes: tuple = ()  # per key, the dtype of its state buffer
     complete: bool = False  # every row's state is in optimizer.state
     _grad_slots: tuple = (None, None)  # (grad buffer, its slot addresses) cache
+    _positions: list = field(default_factory=list)
+
+    def positions(self) -> list[int]:
+        """[0, 1, ..., len(rows) - 1], kept while the rows stay (each step's check of a
+        part whose rows all have grads names them all)."""
+        if len(self._positions) != len(self.rows):
+            self._positions = list(range(len(self.rows)))
+        return self._positions
 
     def grad_slots(self) -> list[int] | None:
         if self._grad_slots[0] is not self.buf.grad_buffer:
@@ -50,8 +57,7 @@ class GroupPlan:
     lazy: list[torch.Tensor]
 
     def describes(self, params: list[torch.Tensor]) -> bool:
-        return (len(params) == len(self.params) and all(map(operator.is_, params, self.params))
-                and not any(map(_is_materialised, self.lazy)))
+        return _C.same_items(params, self.params) and not any(map(_is_materialised, self.lazy))
 
 
 def _is_materialised(p: torch.Tensor) -> bool:
@@ -246,8 +252,7 @@ class Placement:
                     stale, dirty, rows, grads, flat, bad = self._check_part(part, keys)
                     if stale >= 0:
                         break
-                    rows = range(len(part.rows)) if rows is None else rows
-                    results.append((part, dirty, list(rows), grads, flat, bad))
+                    results.append((part, dirty, part.positions() if rows is None else rows, grads, flat, bad))
                 else:
                     break
                 plan = self._plans[index] = self._make_plan(group, self._plans)
