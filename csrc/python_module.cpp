@@ -475,12 +475,22 @@ PyObject* grad_offsets(PyObject* /*module*/, PyObject* args) {
 // test that a param group's params are those its plan was made for.
 PyObject* same_items(PyObject* /*module*/, PyObject* args) {
   PyObject *a, *b;
-  if (!PyArg_ParseTuple(args, "O!O!", &PyList_Type, &a, &PyList_Type, &b)) return nullptr;
-  const Py_ssize_t n = PyList_GET_SIZE(a);
-  if (PyList_GET_SIZE(b) != n) Py_RETURN_FALSE;
-  for (Py_ssize_t i = 0; i < n; ++i)
-    if (PyList_GET_ITEM(a, i) != PyList_GET_ITEM(b, i)) Py_RETURN_FALSE;
-  Py_RETURN_TRUE;
+  if (!PyArg_ParseTuple(args, "OO", &a, &b)) return nullptr;
+  // Lists as they are; any other sequence (a tuple assigned to a group's "params") copied.
+  PyObject* fast_a = PySequence_Fast(a, "same_items: expected sequences");
+  if (fast_a == nullptr) return nullptr;
+  PyObject* fast_b = PySequence_Fast(b, "same_items: expected sequences");
+  if (fast_b == nullptr) {
+    Py_DECREF(fast_a);
+    return nullptr;
+  }
+  const Py_ssize_t n = PySequence_Fast_GET_SIZE(fast_a);
+  bool same = PySequence_Fast_GET_SIZE(fast_b) == n;
+  for (Py_ssize_t i = 0; same && i < n; ++i)
+    same = PySequence_Fast_GET_ITEM(fast_a, i) == PySequence_Fast_GET_ITEM(fast_b, i);
+  Py_DECREF(fast_a);
+  Py_DECREF(fast_b);
+  return PyBool_FromLong(same);
 }
 
 PyMethodDef methods[] = {

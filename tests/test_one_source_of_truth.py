@@ -351,6 +351,17 @@ def test_parameter_removed_from_a_group_is_no_longer_updated(algo):
 
 
 @pytest.mark.parametrize("algo", ALGOS)
+def test_group_params_replaced_by_a_tuple_then_reordered_are_stepped_as_given(algo):
+    def program(opt, params):
+        trained(opt, params)
+        opt.param_groups[0]["params"] = tuple(opt.param_groups[0]["params"])  # same tensors
+        trained(opt, params, first=3)
+        opt.param_groups[0]["params"] = tuple(reversed(opt.param_groups[0]["params"]))
+        trained(opt, params, first=6)
+    run_both(algo, program)
+
+
+@pytest.mark.parametrize("algo", ALGOS)
 def test_deleting_a_param_group_keeps_the_others_hyperparameters(algo):
     out = []
     for lib in ("torch", "fusedopt"):
