@@ -470,7 +470,7 @@ PyObject* grad_offsets(PyObject* /*module*/, PyObject* args) {
   END_HANDLE_TH_ERRORS
 }
 
-// same_items(a, b): whether two lists hold the same objects in the same order (by
+// same_items(a, b): whether two sequences hold the same objects in the same order (by
 // identity, never calling __eq__, which for tensors compares elements). The per-step
 // test that a param group's params are those its plan was made for.
 PyObject* same_items(PyObject* /*module*/, PyObject* args) {
@@ -497,7 +497,7 @@ PyMethodDef methods[] = {
     {"sync_check", sync_check, METH_VARARGS,
      "Checks a flat buffer's rows against the public parameters, state and grads in one pass."},
     {"sole_owner", sole_owner, METH_O, "Whether nothing but this tensor sees its memory."},
-    {"same_items", same_items, METH_VARARGS, "Whether two lists hold the same objects, in order."},
+    {"same_items", same_items, METH_VARARGS, "Whether two sequences hold the same objects, in order."},
     {"bump_versions", bump_versions, METH_O, "Increments the autograd version of every tensor in a list."},
     {"hold", hold, METH_O, "An object that holds a C++ reference to every tensor of a list while it lives."},
     {"_row_table", row_table, METH_VARARGS, "Test hook: the CUDA kernels' per-row table, built on the host."},
