@@ -234,3 +234,21 @@ def test_quick_run_under_contention_writes_results(tmp_path):
     table = (tmp_path / "table.md").read_text()
     assert "contention on purpose: 1 busy process" in table or "LOADED MACHINE" in table
     assert "| fusedopt (flat grads) |" in table  # the full table follows the summary
+
+
+@pytest.mark.parametrize("algo", ["sgd", "adamw"])
+def test_host_cost_script_times_each_part_of_a_step(algo):
+    # benchmarks/host_cost.py reaches into the step (the op by name, found_inf by the op's
+    # schema, _collect_work): it must keep running as those change.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    completed = subprocess.run(
+        [sys.executable, "benchmarks/host_cost.py", "--algo", algo, "--count", "40", "--size", "64",
+         "--shared-memory", "--parameters", "--reps", "10"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stdout.startswith(f"{algo}, 40 nn.Parameter of 64, shared memory; 40 param tensor(s) to the op")
+    parts = dict(re.findall(r"^  (.+?) +([\d.]+) us$", completed.stdout, re.MULTILINE))
+    assert list(parts) == ["torch fused step", "fusedopt step", "kernel op alone",
+                           "op argument passing (returns before the kernel)", "per-step check (_collect_work)",
+                           "step with the op stubbed out"]
+    assert all(float(us) > 0 for us in parts.values())

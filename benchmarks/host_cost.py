@@ -1,0 +1,89 @@
+"""Where a fusedopt step's time goes on many small parameters: the kernel op by itself,
+the op's argument passing (a call that GradScaler's found_inf makes return before the
+kernel), the per-step check of every row (``_collect_work``: ``_C.sync_check`` and the
+plans), and the rest. torch's fused step is timed in the same loop, interleaved.
+
+    python benchmarks/host_cost.py [--algo sgd|adam|adamw] [--count 3000] [--size 2048]
+                                   [--shared-memory] [--parameters] [--reps 200]
+
+With --shared-memory the params stay where share_memory_() put them, so the op gets one
+tensor per row instead of the flat buffer. Medians in microseconds; the parts are timed
+separately and need not add up to the step (caches are warmer when a part runs alone).
+"""
+import argparse
+import statistics
+import time
+
+import torch
+
+import fusedopt
+from fusedopt import adam, sgd
+
+ALGOS = {"sgd": (torch.optim.SGD, fusedopt.SGD, sgd, "sgd_step_", dict(lr=0.01, momentum=0.9)),
+         "adam": (torch.optim.Adam, fusedopt.Adam, adam, "adam_step_", dict(lr=1e-3)),
+         "adamw": (torch.optim.AdamW, fusedopt.AdamW, adam, "adam_step_", dict(lr=1e-3))}
+
+
+def median_us(fn, reps):
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1e6 * statistics.median(times)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--algo", choices=ALGOS, default="sgd")
+    parser.add_argument("--count", type=int, default=3000)
+    parser.add_argument("--size", type=int, default=2048)
+    parser.add_argument("--shared-memory", action="store_true")
+    parser.add_argument("--parameters", action="store_true", help="nn.Parameter objects, as models hold")
+    parser.add_argument("--reps", type=int, default=200)
+    args = parser.parse_args()
+    torch_cls, fused_cls, module, op_name, kwargs = ALGOS[args.algo]
+    torch.manual_seed(0)
+    params = [torch.randn(args.size) for _ in range(args.count)]
+    if args.shared_memory:
+        for p in params:
+            p.share_memory_()
+    params = [torch.nn.Parameter(p) if args.parameters else p.requires_grad_() for p in params]
+    fused = fused_cls(params, **kwargs)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    fused.step()
+    reference = torch_cls(params, fused=True, **kwargs)
+    for p in params:
+        reference.state[p] = dict(fused.state[p])  # the same state tensors, as the bench does
+
+    op = getattr(module.ops, op_name)
+    calls = []
+    setattr(module.ops, op_name, lambda *a: (calls.append(a), op(*a))[1])
+    fused.step()
+    setattr(module.ops, op_name, op)
+    call = calls[0]
+    skipped = list(call)  # the same call with found_inf set: it returns before the kernel
+    names = [a.name for a in getattr(torch.ops.fusedopt, op_name).default._schema.arguments]
+    skipped[names.index("found_inf")] = torch.ones(())
+
+    times = {"torch fused step": [], "fusedopt step": []}
+    for _ in range(args.reps // 10 or 1):  # interleaved, 10 steps each at a time
+        times["torch fused step"].append(median_us(reference.step, 10))
+        times["fusedopt step"].append(median_us(fused.step, 10))
+    rows = [(name, statistics.median(values)) for name, values in times.items()]
+    rows += [("kernel op alone", median_us(lambda: op(*call), args.reps)),
+             ("op argument passing (returns before the kernel)", median_us(lambda: op(*skipped), args.reps)),
+             ("per-step check (_collect_work)", median_us(fused._collect_work, args.reps))]
+    setattr(module.ops, op_name, lambda *a: None)
+    rows.append(("step with the op stubbed out", median_us(fused.step, args.reps)))
+    setattr(module.ops, op_name, op)
+    where = "shared memory" if args.shared_memory else "moved into fusedopt's buffer"
+    kind = "nn.Parameter" if args.parameters else "tensors"
+    print(f"{args.algo}, {args.count} {kind} of {args.size}, {where}; {len(call[0])} param tensor(s) to the op")
+    for name, us in rows:
+        print(f"  {name:50s} {us:9.1f} us")
+
+
+if __name__ == "__main__":
+    main()
