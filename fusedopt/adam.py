@@ -22,6 +22,10 @@ class Adam(FusedOptimizer):
 
     _state_keys = ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
     _keys_required_on_load = ("step",)  # torch.optim.Adam.__setstate__ reads it
+    # torch.optim.Adam's step on a None: "API has changed, `state_steps` ..." (step), no
+    # attribute lerp_ / mul_ (the moments), maximum() must take a Tensor (amsgrad).
+    _none_state_errors = {"step": RuntimeError, "exp_avg": AttributeError, "exp_avg_sq": AttributeError,
+                          "max_exp_avg_sq": TypeError}
     _sparse_grad_message = "Adam does not support sparse gradients, please consider SparseAdam instead"
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, amsgrad=False,

@@ -21,7 +21,7 @@ class PublicState:
                    piece: tuple[int, ...] | None = None):
         """The state values ``entry`` (optimizer.state[p]) gives for ``keys``, validated
         as torch.optim would use them: {} for fresh state (no entry, an empty one, or
-        None values), None to leave the row alone this step. Raises what torch.optim's
+        None values where torch takes None as none), None to leave the row alone this step. Raises what torch.optim's
         step would (KeyError for a missing key), but before anything is written.
         ``piece``: a shape a state tensor may also have (a rank's piece of it, sharded)."""
         if not entry:
@@ -36,7 +36,13 @@ class PublicState:
         for key in keys:
             value = entry.get(key)
             if value is None:
-                continue
+                error = self._none_state_errors.get(key)
+                if error is None:  # None starts the slot afresh (SGD's momentum_buffer)
+                    continue
+                if not has_grad:
+                    return None
+                raise error(f"fusedopt: optimizer.state[p][{key!r}] is None, where {type(self).__name__}'s step "
+                            f"needs a tensor (an empty state entry starts the parameter afresh)")
             shape = _misfit_shape(p, key, value, piece)
             if shape is not None and key == "step":
                 raise RuntimeError(f"fusedopt: state['step'] must hold one number, got shape {shape}")
@@ -45,6 +51,11 @@ class PublicState:
                                    f"parameter of shape {tuple(p.shape)}")
             values[key] = value
         return values
+
+    # State keys whose value may not be None in a non-empty entry, and what torch.optim's
+    # step raises on one (half-applied there: the params before it are already updated;
+    # here nothing is written). A key not named here starts afresh from None.
+    _none_state_errors: dict[str, type] = {}
 
     def _keys_required_in_state(self, keys: tuple[str, ...]) -> tuple[str, ...]:
         """Keys a non-empty state entry must have for torch.optim's step."""

@@ -277,6 +277,32 @@ def test_state_entry_missing_a_key_raises_torchs_keyerror_before_any_write(algo)
     assert [opt.state[p]["step"].item() for p in params[:2]] == steps
 
 
+@pytest.mark.parametrize("key", ["step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"])
+def test_adam_state_value_set_to_none_raises_torchs_error_type_before_any_write(key):
+    """torch.optim.Adam's step fails on a None in a non-empty state entry (each key its
+    own exception), after updating the params before it. fusedopt raised nothing and
+    started the row afresh from zeros, silently. Now: torch's exception type, nothing
+    written; while the param has no grad, neither raises and the row is left alone."""
+    raised = []
+    for lib in ("torch", "fusedopt"):
+        params = make_params(SHAPES)
+        opt = build("Adam", lib, params)  # amsgrad, weight decay
+        trained(opt, params)
+        opt.state[params[1]][key] = None
+        step_with(opt, params, 4, only={0, 2})  # params[1] has no grad: no error
+        before = [p.detach().clone() for p in params]
+        steps = [opt.state[p]["step"].item() for p in (params[0], params[2])]
+        with pytest.raises(Exception) as error:
+            step_with(opt, params, 5)
+        raised.append(error.type)
+        if lib == "fusedopt":
+            assert all(torch.equal(p, b) for p, b in zip(params, before))
+            assert [opt.state[p]["step"].item() for p in (params[0], params[2])] == steps
+            assert opt.state[params[1]][key] is None
+            assert key in str(error.value)
+    assert raised[0] is raised[1]
+
+
 def test_checkpoint_entry_missing_a_key_loads_as_torch_and_the_step_raises():
     """torch.optim's load_state_dict takes an entry without a key the group needs (amsgrad
     switched on in the checkpoint's groups, no max_exp_avg_sq); only its step raises the
