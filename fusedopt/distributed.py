@@ -418,6 +418,12 @@ class ShardedOptimizer(FusedOptimizer):
         checkpoint and keeps its slice of it."""
         super().load_state_dict(state_dict)  # checked against the parameters before it replaces anything
         self._consolidated_state = None
+        if not all(map(self._has_hyperparameters, self.param_groups)):
+            # A group lacking this optimizer's hyperparameters (an Adam checkpoint loaded
+            # into SGD) loads as into torch.optim, whose step then raises their KeyError:
+            # the entries stay whole until a step can read them (ours raises before any
+            # write; once the groups are complete, the step takes them as edits).
+            return
         self._current_plans()  # every parameter in a slice
         for rank_slice in self._slice_of.values():
             rank_slice.clear_state()

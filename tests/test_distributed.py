@@ -315,6 +315,40 @@ def sharded_sgd_resumes_and_self_loads_like_torch(rank):
 
 
 @scenario
+def sharded_adam_checkpoint_loads_into_sgd_as_into_torch(rank):
+    """torch.optim.SGD loads an Adam checkpoint (its groups lack momentum) and its step
+    raises KeyError('momentum'). ShardedOptimizer raised that KeyError from
+    load_state_dict, after the groups had been replaced: half-applied. Now it loads, its
+    step raises before any write, and once the groups hold SGD's hyperparameters again
+    both train alike (the loaded entries read as edits)."""
+    reference, model = ddp(make_model()), ddp(make_model())
+    reference_adam = torch.optim.Adam(reference.parameters(), lr=LR, foreach=False)
+    adam = ShardedOptimizer(model.parameters(), optimizer_class=fusedopt.Adam, lr=LR)
+    for m, o in ((reference, reference_adam), (model, adam)):
+        train(m, o, rank, 2)
+    adam.consolidate_state_dict(to=0)
+    transported = [adam.state_dict() if rank == 0 else None]
+    dist.broadcast_object_list(transported, src=0)
+    options = dict(lr=LR, momentum=0.9, dampening=0.1)
+    reference_sgd = torch.optim.SGD(reference.parameters(), foreach=False, **options)
+    sgd = ShardedOptimizer(model.parameters(), optimizer_class=fusedopt.SGD, **options)
+    for m, o in ((reference, reference_sgd), (model, sgd)):
+        train(m, o, rank, 1, first_step=2)
+        o.load_state_dict(transported[0])  # no error, as torch
+        m(tokens(rank, 3)).square().mean().backward()
+        before = [p.detach().clone() for p in m.parameters()]
+        with pytest.raises(KeyError, match="momentum"):
+            o.step()
+        assert all(torch.equal(p, b) for p, b in zip(m.parameters(), before))
+        for group in o.param_groups:
+            group.update({key: value for key, value in options.items()},
+                         **{key: value for key, value in o.defaults.items() if key not in group})
+        o.zero_grad()
+        train(m, o, rank, 2, first_step=4)
+    assert_same_weights(model.module, reference.module)
+
+
+@scenario
 def sharded_adam_follows_edits_of_its_state(rank):
     sharded_follows_edits_of_its_state(rank, fusedopt.Adam, "exp_avg", weight_decay=0.1)
 
@@ -572,6 +606,10 @@ def test_sharded_all_gather_into_one_tensor_trains_like_torch(outcomes):
 
 def test_sharded_sgd_resumes_from_its_checkpoint_and_self_loads_like_torch(outcomes):
     check(outcomes, "sharded_sgd_resumes_and_self_loads_like_torch")
+
+
+def test_sharded_adam_checkpoint_loads_into_sgd_as_into_torch_and_its_step_raises(outcomes):
+    check(outcomes, "sharded_adam_checkpoint_loads_into_sgd_as_into_torch")
 
 
 @pytest.mark.parametrize("algo", ["adam", "sgd"])
