@@ -17,12 +17,18 @@ class PublicState:
     """The FusedOptimizer half that moves state between ``optimizer.state`` and the flat
     buffers."""
 
+    # State keys whose value may not be None in a non-empty entry, and what torch.optim's
+    # step raises on one (half-applied there: the params before it are already updated;
+    # here nothing is written). A key not named here starts afresh from None.
+    _none_state_errors: dict[str, type] = {}
+
     def _row_state(self, p: torch.Tensor, entry: dict | None, keys: tuple[str, ...], has_grad: bool,
                    piece: tuple[int, ...] | None = None):
         """The state values ``entry`` (optimizer.state[p]) gives for ``keys``, validated
         as torch.optim would use them: {} for fresh state (no entry, an empty one, or
-        None values where torch takes None as none), None to leave the row alone this step. Raises what torch.optim's
-        step would (KeyError for a missing key), but before anything is written.
+        None values where torch.optim starts afresh from None), None to leave the row
+        alone this step. Raises what torch.optim's step would (KeyError for a missing
+        key, ``_none_state_errors`` for a None), but before anything is written.
         ``piece``: a shape a state tensor may also have (a rank's piece of it, sharded)."""
         if not entry:
             return {}
@@ -51,11 +57,6 @@ class PublicState:
                                    f"parameter of shape {tuple(p.shape)}")
             values[key] = value
         return values
-
-    # State keys whose value may not be None in a non-empty entry, and what torch.optim's
-    # step raises on one (half-applied there: the params before it are already updated;
-    # here nothing is written). A key not named here starts afresh from None.
-    _none_state_errors: dict[str, type] = {}
 
     def _keys_required_in_state(self, keys: tuple[str, ...]) -> tuple[str, ...]:
         """Keys a non-empty state entry must have for torch.optim's step."""
