@@ -200,6 +200,9 @@ class ShardedOptimizer(FusedOptimizer):
         self._edit_checks: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # see _edit_check
         # Set on rank `to` by consolidate_state_dict; a step makes it stale.
         self._consolidated_state: dict[torch.Tensor, dict[str, Any]] | None = None
+        # A load left every parameter's entry whole (its groups lacked hyperparameters):
+        # the next step keeps only this rank's rows' entries, as a load would have.
+        self._whole_entries = False
         super().__init__(params, **defaults)  # optimizer_class's constructor (next in the MRO)
 
     # --- packing ------------------------------------------------------------------
@@ -328,6 +331,8 @@ class ShardedOptimizer(FusedOptimizer):
         work = self._collect_work()
         edits = self._state_edits(work)  # all validated before anything changes
         self._consolidated_state = None
+        if getattr(self, "_whole_entries", False):
+            self._drop_entries_of_other_ranks()
         self._pending_grad_multiplier = None
         found_inf = transform.found_inf
         skipped = found_inf is not None and found_inf.device.type == "cpu" and bool(found_inf.item())
@@ -349,6 +354,15 @@ class ShardedOptimizer(FusedOptimizer):
         if zero_grad:
             self.zero_grad(set_to_none=False)
         return loss
+
+    def _drop_entries_of_other_ranks(self) -> None:
+        """Drops the state entries of parameters whose rows other ranks hold (they hold
+        that state), as load_state_dict does."""
+        for p in list(self.state):
+            slot = self._slots.get(p)
+            if slot is not None and slot[1] not in self._slice_of[slot[0]].owned:
+                del self.state[p]
+        self._whole_entries = False
 
     def _all_gather_slices(self) -> None:
         works = []
@@ -423,7 +437,9 @@ class ShardedOptimizer(FusedOptimizer):
             # into SGD) loads as into torch.optim, whose step then raises their KeyError:
             # the entries stay whole until a step can read them (ours raises before any
             # write; once the groups are complete, the step takes them as edits).
+            self._whole_entries = True
             return
+        self._whole_entries = False
         self._current_plans()  # every parameter in a slice
         for rank_slice in self._slice_of.values():
             rank_slice.clear_state()

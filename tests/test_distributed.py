@@ -346,6 +346,13 @@ def sharded_adam_checkpoint_loads_into_sgd_as_into_torch(rank):
         o.zero_grad()
         train(m, o, rank, 2, first_step=4)
     assert_same_weights(model.module, reference.module)
+    # This rank keeps state only for the parameters it holds rows of, as after any load.
+    fresh_model = ddp(make_model())
+    fresh = ShardedOptimizer(fresh_model.parameters(), optimizer_class=fusedopt.SGD, **options)
+    train(fresh_model, fresh, rank, 1)
+    holding = [i for i, p in enumerate(fresh_model.parameters()) if fresh.state.get(p)]
+    assert [i for i, p in enumerate(model.parameters()) if sgd.state.get(p)] == holding
+    assert len(holding) < len(list(model.parameters()))
 
 
 @scenario
