@@ -341,8 +341,7 @@ def sharded_adam_checkpoint_loads_into_sgd_as_into_torch(rank):
             o.step()
         assert all(torch.equal(p, b) for p, b in zip(m.parameters(), before))
         for group in o.param_groups:
-            group.update({key: value for key, value in options.items()},
-                         **{key: value for key, value in o.defaults.items() if key not in group})
+            group.update(options, **{key: value for key, value in o.defaults.items() if key not in group})
         o.zero_grad()
         train(m, o, rank, 2, first_step=4)
     assert_same_weights(model.module, reference.module)
