@@ -88,8 +88,8 @@ class Adam(FusedOptimizer):
     def _update_buffer(self, group, buf, params, segments, grads, transform):
         (lr, beta1, beta2), scheduled = self._scheduled_arguments(group, buf.device)
         self._set_state_dtypes(group, buf)
-        ops.adam_step_(
-            params, buf.state_buffer("exp_avg"), buf.state_buffer("exp_avg_sq"),
+        ops.run(
+            ops.adam_step_, params, buf.state_buffer("exp_avg"), buf.state_buffer("exp_avg_sq"),
             buf.state_buffer("max_exp_avg_sq") if group["amsgrad"] else None, buf.step, grads, segments,
             lr, scheduled, beta1, beta2,
             hyperparameter(group["weight_decay"]), group["eps"], group["decoupled_weight_decay"],

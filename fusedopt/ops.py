@@ -76,6 +76,21 @@ sgd_step_ = torch.ops.fusedopt.sgd_step_
 grad_norm = torch.ops.fusedopt.grad_norm
 
 
+def run(op, *args) -> None:
+    """``op(*args)`` for a step op: called from C (``_C.call_op``; [note: op calls from
+    C] in csrc/python_module.cpp says what that saves) when it runs eagerly under
+    no_grad, as fusedopt's step does; through torch.ops under torch.compile, with grad
+    mode or a __torch_function__ mode on, or when an argument is a tensor subclass. Any
+    other callable (a test's counting wrapper) is called as it is."""
+    if torch.compiler.is_compiling():
+        op(*args)
+        return
+    name = getattr(op, "_qualified_op_name", None)
+    if (name is None or torch.is_grad_enabled() or torch._C._is_torch_function_mode_enabled()
+            or _C.call_op(name, args) is NotImplemented):
+        op(*args)
+
+
 # Fake kernels: shapes only, so torch.compile and torch.library.opcheck can trace the ops.
 @torch.library.register_fake("fusedopt::adam_step_")
 def _adam_step_fake(params, exp_avg, exp_avg_sq, max_exp_avg_sq, step, grads, segments, lr, scheduled,

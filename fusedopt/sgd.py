@@ -67,8 +67,8 @@ class SGD(FusedOptimizer):
         has_momentum = bool(self._group_state_keys(group))
         (lr, momentum), scheduled = self._scheduled_arguments(group, buf.device)
         self._set_state_dtypes(group, buf)
-        ops.sgd_step_(
-            params, buf.state_buffer("momentum_buffer") if has_momentum else None, buf.step, grads,
+        ops.run(
+            ops.sgd_step_, params, buf.state_buffer("momentum_buffer") if has_momentum else None, buf.step, grads,
             segments, lr, scheduled, momentum, hyperparameter(group["dampening"]),
             hyperparameter(group["weight_decay"]), group["nesterov"], group["maximize"],
             transform.grad_scale, transform.found_inf, transform.grad_multiplier, transform.zero_grads,

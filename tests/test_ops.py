@@ -188,3 +188,51 @@ def test_kernel_rejects_a_param_row_that_does_not_hold_its_segment_before_writin
         ops.sgd_step_(rows, None, torch.zeros(2), grads, segments, 0.1, None, 0.0, 0.0, 0.0, False, False,
                       None, None, None, False)
     assert all(torch.equal(r, b) for r, b in zip(rows, before))
+
+
+class FunctionLog(torch.Tensor):
+    """A tensor subclass that records every function its __torch_function__ sees."""
+    seen: list[str] = []
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        cls.seen.append(getattr(func, "__name__", repr(func)))
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+@pytest.mark.parametrize("algo", ["SGD", "AdamW"])
+def test_a_subclass_parameters_torch_function_sees_the_step_op_and_the_result_is_torchs(algo):
+    # The step calls its op from C (ops.run) unless an argument is a tensor subclass,
+    # whose __torch_function__ then sees the op as through torch.ops.
+    torch.manual_seed(0)
+    start = torch.randn(4, 3)
+    logged = FunctionLog(start.clone()).requires_grad_()
+    plain = torch.nn.Parameter(start.clone())
+    opt = getattr(fusedopt, algo)([logged], lr=0.1)
+    ref = getattr(torch.optim, algo)([plain], lr=0.1, foreach=False)
+    for step in range(2):
+        grad = torch.randn(4, 3)
+        logged.grad, plain.grad = grad.clone(), grad.clone()
+        FunctionLog.seen.clear()
+        opt.step()
+        ref.step()
+        assert FunctionLog.seen.count("sgd_step_" if algo == "SGD" else "adam_step_") == 1, FunctionLog.seen
+    torch.testing.assert_close(logged.detach().as_subclass(torch.Tensor), plain.detach())
+
+
+def test_run_calls_the_op_as_torch_ops_does_and_reports_its_errors_alike():
+    # ops.run is how every eager step calls its op: the same update as torch.ops, and a
+    # kernel's refusal raised with the same type and message.
+    params, segments, grads = flat_inputs("cpu")
+    results = []
+    for call in (ops.sgd_step_, lambda *args: ops.run(ops.sgd_step_, *args)):
+        p, step = params.clone(), torch.zeros(2)
+        with torch.no_grad():
+            call([p], None, step, grads, segments, 0.5, None, 0.0, 0.0, 0.1, False, False, None, None, None,
+                 False)
+        results.append(p)
+        with pytest.raises(RuntimeError) as refused, torch.no_grad():
+            call([p], None, step, [grads[0], grads[0]], segments, 0.5, None, 0.0, 0.0, 0.1, False, False, None,
+                 None, None, False)
+        results.append(str(refused.value))
+    assert torch.equal(results[0], results[2]) and results[1] == results[3], results
