@@ -347,9 +347,9 @@ bool unpack_tensors(PyObject* list, std::vector<at::Tensor>& tensors) {
 // (c10::intrusive_ptr: the 1 <-> 2 reference count transitions incref/decref the
 // PyObject, each through pybind11's gil_scoped_acquire). An op called through torch.ops
 // drops its arguments without the GIL, so each takes the GIL back: ~0.1 us per tensor,
-// 0.3 ms per step for 3000 pinned rows; call_op drops them with the GIL, but each flip
-// still costs ~0.1 us (3000 shared-memory parameters: 0.99 ms a call instead of 0.30).
-// The per-row param lists fusedopt passes every step are held here once, and the op's
+// 0.3 ms per step for 3000 pinned rows (through call_op, whose op drops them alike,
+// 3000 shared-memory parameters not held: 0.99 ms a call instead of 0.30). The per-row
+// param lists fusedopt passes every step are held here once, and the op's
 // references then never flip them.
 PyObject* hold(PyObject* /*module*/, PyObject* tensors) {
   if (!PyList_Check(tensors)) {
@@ -508,7 +508,7 @@ PyObject* same_items(PyObject* /*module*/, PyObject* args) {
 // no_grad and bumps versions itself; fusedopt/ops.py's `run` calls this only then):
 // 3000 shared-memory parameters (held: [note: C++ references for op calls]) and their
 // grads, a call that returns before the kernel: 0.30-0.32 ms instead of 0.40-0.43 on
-// this project's 2-core EPYC. The references are released with the GIL held.
+// this project's 2-core EPYC.
 PyObject* call_op(PyObject* /*module*/, PyObject* args) {
   HANDLE_TH_ERRORS
   const char* name;
@@ -556,9 +556,8 @@ PyObject* call_op(PyObject* /*module*/, PyObject* args) {
   {
     pybind11::gil_scoped_release no_gil;
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    op.callBoxed(&stack);
+    op.callBoxed(&stack);  // drops the arguments
   }
-  stack.clear();  // with the GIL: see the note
   Py_RETURN_NONE;
   END_HANDLE_TH_ERRORS
 }
