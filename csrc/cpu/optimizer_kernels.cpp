@@ -578,9 +578,10 @@ inline void for_each_block(int64_t n, const Block& block) {
 // of a row copies them into locals that nothing else can reach, and those stay in
 // registers, and each block is ~30 instructions shorter, so more blocks' loads are in
 // flight at once. Measured against torch's fused AdamW in one process (paired medians,
-// 2-core EPYC Zen 3, fp32, the bench's shared tensors): one 4M-element param on one
-// thread 0.91x -> 0.97x of torch's speed, on two 0.98x -> 1.04x; GPT-2's 148 tensors
-// on two 0.96x -> 1.04x.
+// one series each, 2-core EPYC Zen 3, fp32, the bench's shared tensors): one
+// 4M-element param on one thread 0.91x -> 0.97x of torch's speed, on two 0.98x ->
+// 1.04x; GPT-2's 148 tensors on two 0.96x -> 1.04x. That machine's noise between
+// series is +-5%.
 template <typename opmath_t>
 struct GradOptions {
   opmath_t scale = 1, multiplier = 1;
