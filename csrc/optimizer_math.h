@@ -125,13 +125,25 @@ C10_HOST_DEVICE inline T lerp(T start, T end, opmath_t weight) {
 // Turns the raw gradient into the one the update sees: GradScaler unscaling (a
 // division, as torch's fused kernels do), the clip coefficient of a preceding
 // clip_grad_norm_ (a multiplication, as torch's clip does), and maximize.
-template <typename T, typename opmath_t>
-C10_HOST_DEVICE inline T effective_grad(T grad, const opmath_t* grad_scale,
-                                        const opmath_t* grad_multiplier, bool maximize) {
-  if (grad_scale != nullptr) grad = grad / T(*grad_scale);
-  if (grad_multiplier != nullptr) grad = grad * T(*grad_multiplier);
-  return maximize ? T(opmath_t(0)) - grad : grad;
-}
+//
+// Plain values, no pointers: a kernel copies it into a local, where the compiler keeps
+// every field in a register for the whole loop. A pointer to the scale or multiplier
+// (even one selected at run time between a local and nullptr) keeps them in memory: on
+// the GPU every element reloads them from local memory, and on the CPU a store through
+// a float pointer may alias them, so every block reloads and re-tests them ([note:
+// invariants in locals] in cpu/optimizer_kernels.cpp).
+template <typename opmath_t>
+struct EffectiveGrad {
+  opmath_t scale = opmath_t(1), multiplier = opmath_t(1);
+  bool has_scale = false, has_multiplier = false, maximize = false;
+
+  template <typename T>
+  C10_HOST_DEVICE T operator()(T grad) const {
+    if (has_scale) grad = grad / T(scale);
+    if (has_multiplier) grad = grad * T(multiplier);
+    return maximize ? T(opmath_t(0)) - grad : grad;
+  }
+};
 
 // One Adam / AdamW element. Order as torch.optim: weight decay (AdamW: on the param,
 // before the moments), first moment by lerp, second moment, amsgrad max, update.

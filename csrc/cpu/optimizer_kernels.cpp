@@ -573,7 +573,7 @@ inline void for_each_block(int64_t n, const Block& block) {
 // [note: invariants in locals] The block loops store through float pointers, and C++
 // lets such a store alias any float the loop reads through a pointer or reference: the
 // coefficients and the grad scale that the parallel region's lambdas capture by
-// reference. GCC then reloads every coefficient and the grad options and re-tests them
+// reference. GCC then reloads every coefficient and the EffectiveGrad values and re-tests them
 // (scale, multiplier, maximize, weight decay) in every block of 16 elements. Each piece
 // of a row copies them into locals that nothing else can reach, and those stay in
 // registers, and each block is ~30 instructions shorter, so more blocks' loads are in
@@ -583,18 +583,16 @@ inline void for_each_block(int64_t n, const Block& block) {
 // 1.04x; GPT-2's 148 tensors on two 0.96x -> 1.04x. That machine's noise between
 // series is +-5%.
 template <typename opmath_t>
-struct GradOptions {
-  opmath_t scale = 1, multiplier = 1;
-  bool has_scale = false, has_multiplier = false, maximize = false;
-  GradOptions(std::optional<opmath_t> grad_scale, std::optional<opmath_t> grad_multiplier, bool maximize_grads)
-      : scale(grad_scale.value_or(1)), multiplier(grad_multiplier.value_or(1)), has_scale(grad_scale.has_value()),
-        has_multiplier(grad_multiplier.has_value()), maximize(maximize_grads) {}
-  // The grad as the update sees it (effective_grad in optimizer_math.h).
-  template <typename Vec>
-  Vec apply(Vec grad) const {
-    return effective_grad(grad, has_scale ? &scale : nullptr, has_multiplier ? &multiplier : nullptr, maximize);
-  }
-};
+EffectiveGrad<opmath_t> effective_grad_of(std::optional<opmath_t> grad_scale,
+                                          std::optional<opmath_t> grad_multiplier, bool maximize) {
+  EffectiveGrad<opmath_t> e;
+  e.scale = grad_scale.value_or(opmath_t(1));
+  e.multiplier = grad_multiplier.value_or(opmath_t(1));
+  e.has_scale = grad_scale.has_value();
+  e.has_multiplier = grad_multiplier.has_value();
+  e.maximize = maximize;
+  return e;
+}
 
 // Adam over every row of the call. Params are scalar_t (with an optional float32 master
 // copy), the moments state_t; both load into the same opmath vectors.
@@ -611,7 +609,7 @@ void adam_kernel(const std::vector<scalar_t*>& param_rows, float* master, state_
   using opmath_t = typename IO::opmath_t;
   using Vec = typename IO::Vec;
   static_assert(IO::kWidth == SIO::kWidth && std::is_same_v<opmath_t, typename SIO::opmath_t>);
-  const GradOptions<opmath_t> grad_options(grad_scale, grad_multiplier, maximize);
+  const EffectiveGrad<opmath_t> effective_grad = effective_grad_of(grad_scale, grad_multiplier, maximize);
 
   at::parallel_for(0, space.num_chunks(), 1, [&](int64_t first, int64_t last) {
     // Rows mostly share their step: the double-precision powers are redone only when it
@@ -630,7 +628,7 @@ void adam_kernel(const std::vector<scalar_t*>& param_rows, float* master, state_
       for_each_contiguous_grad_block(sources[s], begin, end, zero_grads,
                                      [&](int64_t i0, int64_t n, const scalar_t* g) {
         const AdamCoefficients<opmath_t> k = c;  // [note: invariants in locals]
-        const GradOptions<opmath_t> o = grad_options;
+        const EffectiveGrad<opmath_t> grad_of = effective_grad;
         const int64_t first_index = base + i0;
         scalar_t* p = param_rows[s] + i0;
         float* pm = master != nullptr ? master + first_index : nullptr;
@@ -650,8 +648,8 @@ void adam_kernel(const std::vector<scalar_t*>& param_rows, float* master, state_
           SIO::load(m + i, m0, m1, count);
           SIO::load(v + i, v0, v1, count);
           if constexpr (amsgrad) SIO::load(vmax + i, x0, x1, count);
-          adam_update<amsgrad>(p0, o.apply(g0), m0, v0, x0, k);
-          adam_update<amsgrad>(p1, o.apply(g1), m1, v1, x1, k);
+          adam_update<amsgrad>(p0, grad_of(g0), m0, v0, x0, k);
+          adam_update<amsgrad>(p1, grad_of(g1), m1, v1, x1, k);
           store_param(p + i, pm != nullptr ? pm + i : nullptr, p0, p1, bits, count);
           store_rounded(m + i, m0, m1, bits, 1, count);
           store_rounded(v + i, v0, v1, bits, 2, count);
@@ -673,7 +671,7 @@ void sgd_kernel(const std::vector<scalar_t*>& param_rows, float* master, state_t
   using opmath_t = typename IO::opmath_t;
   using Vec = typename IO::Vec;
   static_assert(IO::kWidth == SIO::kWidth && std::is_same_v<opmath_t, typename SIO::opmath_t>);
-  const GradOptions<opmath_t> grad_options(grad_scale, grad_multiplier, maximize);
+  const EffectiveGrad<opmath_t> effective_grad = effective_grad_of(grad_scale, grad_multiplier, maximize);
   const auto c = sgd_coefficients<opmath_t>(lr, momentum, dampening, weight_decay);
 
   at::parallel_for(0, space.num_chunks(), 1, [&](int64_t first, int64_t last) {
@@ -684,7 +682,7 @@ void sgd_kernel(const std::vector<scalar_t*>& param_rows, float* master, state_t
       for_each_contiguous_grad_block(sources[s], begin, end, zero_grads,
                                      [&](int64_t i0, int64_t n, const scalar_t* g) {
         const auto k = c;  // [note: invariants in locals]
-        const GradOptions<opmath_t> o = grad_options;
+        const EffectiveGrad<opmath_t> grad_of = effective_grad;
         const int64_t first_index = base + i0;
         scalar_t* p = param_rows[s] + i0;
         float* pm = master != nullptr ? master + first_index : nullptr;
@@ -698,8 +696,8 @@ void sgd_kernel(const std::vector<scalar_t*>& param_rows, float* master, state_t
           load_param(p + i, pm != nullptr ? pm + i : nullptr, p0, p1, count);
           IO::load(g + i, g0, g1, count);
           if constexpr (has_momentum) SIO::load(buf + i, b0, b1, count);
-          sgd_update<has_momentum, nesterov>(p0, o.apply(g0), b0, first_time, k);
-          sgd_update<has_momentum, nesterov>(p1, o.apply(g1), b1, first_time, k);
+          sgd_update<has_momentum, nesterov>(p0, grad_of(g0), b0, first_time, k);
+          sgd_update<has_momentum, nesterov>(p1, grad_of(g1), b1, first_time, k);
           store_param(p + i, pm != nullptr ? pm + i : nullptr, p0, p1, bits, count);
           if constexpr (has_momentum) store_rounded(buf + i, b0, b1, bits, 1, count);
         });

@@ -77,30 +77,16 @@ struct GradTransform {
   bool maximize;
 };
 
-// effective_grad with the transform's values in registers. Each presence case passes
-// either the address of a local or nullptr, never a pointer chosen at run time: a
-// selected pointer keeps the compiler from promoting the locals, and every element
-// would then reload them from local memory.
 template <typename opmath_t>
-struct GradTransformValues {
-  opmath_t scale, multiplier;
-  bool has_scale, has_multiplier, maximize;
-
-  C10_DEVICE explicit GradTransformValues(const GradTransform& t)
-      : scale(static_cast<opmath_t>(t.grad_scale.value_or(1.0))),
-        multiplier(static_cast<opmath_t>(t.grad_multiplier.value_or(1.0))),
-        has_scale(t.grad_scale.present()),
-        has_multiplier(t.grad_multiplier.present()),
-        maximize(t.maximize) {}
-
-  C10_DEVICE opmath_t operator()(opmath_t grad) const {
-    if (has_scale && has_multiplier) return effective_grad(grad, &scale, &multiplier, maximize);
-    if (has_scale) return effective_grad(grad, &scale, static_cast<const opmath_t*>(nullptr), maximize);
-    if (has_multiplier) return effective_grad(grad, static_cast<const opmath_t*>(nullptr), &multiplier, maximize);
-    return effective_grad(grad, static_cast<const opmath_t*>(nullptr), static_cast<const opmath_t*>(nullptr),
-                          maximize);
-  }
-};
+C10_DEVICE EffectiveGrad<opmath_t> effective_grad_of(const GradTransform& t) {
+  EffectiveGrad<opmath_t> e;
+  e.scale = static_cast<opmath_t>(t.grad_scale.value_or(1.0));
+  e.multiplier = static_cast<opmath_t>(t.grad_multiplier.value_or(1.0));
+  e.has_scale = t.grad_scale.present();
+  e.has_multiplier = t.grad_multiplier.present();
+  e.maximize = t.maximize;
+  return e;
+}
 
 struct AdamHyper {
   double lr, beta1, beta2, weight_decay, eps;
@@ -148,7 +134,7 @@ adam_kernel(AdamBuffers<scalar_t, state_t> buffers, RowWalk walk,
     if (zero_grads) zero_owned_grads<scalar_t>(walk);
     return;
   }
-  const GradTransformValues<opmath_t> grad_of(transform);
+  const EffectiveGrad<opmath_t> grad_of = effective_grad_of<opmath_t>(transform);
   for_each_owned_row<scalar_t>(walk, [&](int64_t row, int64_t flat_offset, int64_t j0, int64_t j1,
                                          const GradRef<scalar_t>& grad) {
     const AdamCoefficients<opmath_t> c = coefficients[row];
@@ -215,7 +201,7 @@ sgd_kernel(SgdBuffers<scalar_t, state_t> buffers, RowWalk walk,
     if (zero_grads) zero_owned_grads<scalar_t>(walk);
     return;
   }
-  const GradTransformValues<opmath_t> grad_of(transform);
+  const EffectiveGrad<opmath_t> grad_of = effective_grad_of<opmath_t>(transform);
   for_each_owned_row<scalar_t>(walk, [&](int64_t row, int64_t flat_offset, int64_t j0, int64_t j1,
                                          const GradRef<scalar_t>& grad) {
     const SgdRowCoefficients<opmath_t> rc = coefficients[row];
