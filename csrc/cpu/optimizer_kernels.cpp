@@ -582,6 +582,14 @@ inline void for_each_block(int64_t n, const Block& block) {
 // 4M-element param on one thread 0.91x -> 0.97x of torch's speed, on two 0.98x ->
 // 1.04x; GPT-2's 148 tensors on two 0.96x -> 1.04x. That machine's noise between
 // series is +-5%.
+//
+// In registers, the flags are still tested for every vector: the grad transform's three,
+// weight decay, SGD's first step (~10 branches a block). with_grad_of runs the common
+// step (no scale, no multiplier, no maximize) with PlainGrad, and GCC then unswitches the
+// loop on the rest itself: SGD's fp32 block goes from 50 instructions to 19. On one
+// 6.1M-element fp32 param, paired against torch's fused step on the same tensors (same
+// machine, 2 threads, medians of 9 / 4 processes per build): SGD 0.95x -> 1.02x, AdamW
+// 0.96x -> 0.99x.
 template <typename opmath_t>
 EffectiveGrad<opmath_t> effective_grad_of(std::optional<opmath_t> grad_scale,
                                           std::optional<opmath_t> grad_multiplier, bool maximize) {
@@ -592,6 +600,23 @@ EffectiveGrad<opmath_t> effective_grad_of(std::optional<opmath_t> grad_scale,
   e.has_multiplier = grad_multiplier.has_value();
   e.maximize = maximize;
   return e;
+}
+
+// The grad transform of the common step (no scale, no multiplier, no maximize).
+struct PlainGrad {
+  template <typename T>
+  T operator()(T grad) const { return grad; }
+};
+
+// body(grad_of) with the step's transform, or PlainGrad when it changes nothing: the
+// block loop then has no per-block tests of the transform's flags.
+template <typename opmath_t, typename Body>
+inline void with_grad_of(const EffectiveGrad<opmath_t>& e, const Body& body) {
+  if (!e.has_scale && !e.has_multiplier && !e.maximize) {
+    body(PlainGrad{});
+  } else {
+    body(e);
+  }
 }
 
 // Adam over every row of the call. Params are scalar_t (with an optional float32 master
@@ -628,32 +653,33 @@ void adam_kernel(const std::vector<scalar_t*>& param_rows, float* master, state_
       for_each_contiguous_grad_block(sources[s], begin, end, zero_grads,
                                      [&](int64_t i0, int64_t n, const scalar_t* g) {
         const AdamCoefficients<opmath_t> k = c;  // [note: invariants in locals]
-        const EffectiveGrad<opmath_t> grad_of = effective_grad;
         const int64_t first_index = base + i0;
         scalar_t* p = param_rows[s] + i0;
         float* pm = master != nullptr ? master + first_index : nullptr;
         state_t* m = exp_avg + first_index;
         state_t* v = exp_avg_sq + first_index;
         state_t* vmax = amsgrad ? max_exp_avg_sq + first_index : nullptr;
-        for_each_block<IO::kWidth>(n, [&](int64_t i, auto count) {
-          // The random bits first: they depend on the index only, so they are computed
-          // while the loads and the divides are in flight, not queued behind them.
-          const bool stochastic = kMayRoundStochastically<scalar_t, state_t> && rounding.stochastic;
-          BlockBits block_bits;
-          if (stochastic) block_bits = BlockBits(rounding, first_index + i);
-          const BlockBits* bits = stochastic ? &block_bits : nullptr;
-          Vec p0, p1, g0, g1, m0, m1, v0, v1, x0, x1;
-          load_param(p + i, pm != nullptr ? pm + i : nullptr, p0, p1, count);
-          IO::load(g + i, g0, g1, count);
-          SIO::load(m + i, m0, m1, count);
-          SIO::load(v + i, v0, v1, count);
-          if constexpr (amsgrad) SIO::load(vmax + i, x0, x1, count);
-          adam_update<amsgrad>(p0, grad_of(g0), m0, v0, x0, k);
-          adam_update<amsgrad>(p1, grad_of(g1), m1, v1, x1, k);
-          store_param(p + i, pm != nullptr ? pm + i : nullptr, p0, p1, bits, count);
-          store_rounded(m + i, m0, m1, bits, 1, count);
-          store_rounded(v + i, v0, v1, bits, 2, count);
-          if constexpr (amsgrad) store_rounded(vmax + i, x0, x1, bits, 3, count);
+        with_grad_of(effective_grad, [&](const auto grad_of) {
+          for_each_block<IO::kWidth>(n, [&](int64_t i, auto count) {
+            // The random bits first: they depend on the index only, so they are computed
+            // while the loads and the divides are in flight, not queued behind them.
+            const bool stochastic = kMayRoundStochastically<scalar_t, state_t> && rounding.stochastic;
+            BlockBits block_bits;
+            if (stochastic) block_bits = BlockBits(rounding, first_index + i);
+            const BlockBits* bits = stochastic ? &block_bits : nullptr;
+            Vec p0, p1, g0, g1, m0, m1, v0, v1, x0, x1;
+            load_param(p + i, pm != nullptr ? pm + i : nullptr, p0, p1, count);
+            IO::load(g + i, g0, g1, count);
+            SIO::load(m + i, m0, m1, count);
+            SIO::load(v + i, v0, v1, count);
+            if constexpr (amsgrad) SIO::load(vmax + i, x0, x1, count);
+            adam_update<amsgrad>(p0, grad_of(g0), m0, v0, x0, k);
+            adam_update<amsgrad>(p1, grad_of(g1), m1, v1, x1, k);
+            store_param(p + i, pm != nullptr ? pm + i : nullptr, p0, p1, bits, count);
+            store_rounded(m + i, m0, m1, bits, 1, count);
+            store_rounded(v + i, v0, v1, bits, 2, count);
+            if constexpr (amsgrad) store_rounded(vmax + i, x0, x1, bits, 3, count);
+          });
         });
       });
     });
@@ -682,24 +708,26 @@ void sgd_kernel(const std::vector<scalar_t*>& param_rows, float* master, state_t
       for_each_contiguous_grad_block(sources[s], begin, end, zero_grads,
                                      [&](int64_t i0, int64_t n, const scalar_t* g) {
         const auto k = c;  // [note: invariants in locals]
-        const EffectiveGrad<opmath_t> grad_of = effective_grad;
+        const bool first = first_time;
         const int64_t first_index = base + i0;
         scalar_t* p = param_rows[s] + i0;
         float* pm = master != nullptr ? master + first_index : nullptr;
         state_t* buf = has_momentum ? momentum_buffer + first_index : nullptr;
-        for_each_block<IO::kWidth>(n, [&](int64_t i, auto count) {
-          const bool stochastic = kMayRoundStochastically<scalar_t, state_t> && rounding.stochastic;
-          BlockBits block_bits;  // first, as in adam_kernel
-          if (stochastic) block_bits = BlockBits(rounding, first_index + i);
-          const BlockBits* bits = stochastic ? &block_bits : nullptr;
-          Vec p0, p1, g0, g1, b0, b1;
-          load_param(p + i, pm != nullptr ? pm + i : nullptr, p0, p1, count);
-          IO::load(g + i, g0, g1, count);
-          if constexpr (has_momentum) SIO::load(buf + i, b0, b1, count);
-          sgd_update<has_momentum, nesterov>(p0, grad_of(g0), b0, first_time, k);
-          sgd_update<has_momentum, nesterov>(p1, grad_of(g1), b1, first_time, k);
-          store_param(p + i, pm != nullptr ? pm + i : nullptr, p0, p1, bits, count);
-          if constexpr (has_momentum) store_rounded(buf + i, b0, b1, bits, 1, count);
+        with_grad_of(effective_grad, [&](const auto grad_of) {
+          for_each_block<IO::kWidth>(n, [&](int64_t i, auto count) {
+            const bool stochastic = kMayRoundStochastically<scalar_t, state_t> && rounding.stochastic;
+            BlockBits block_bits;  // first, as in adam_kernel
+            if (stochastic) block_bits = BlockBits(rounding, first_index + i);
+            const BlockBits* bits = stochastic ? &block_bits : nullptr;
+            Vec p0, p1, g0, g1, b0, b1;
+            load_param(p + i, pm != nullptr ? pm + i : nullptr, p0, p1, count);
+            IO::load(g + i, g0, g1, count);
+            if constexpr (has_momentum) SIO::load(buf + i, b0, b1, count);
+            sgd_update<has_momentum, nesterov>(p0, grad_of(g0), b0, first, k);
+            sgd_update<has_momentum, nesterov>(p1, grad_of(g1), b1, first, k);
+            store_param(p + i, pm != nullptr ? pm + i : nullptr, p0, p1, bits, count);
+            if constexpr (has_momentum) store_rounded(buf + i, b0, b1, bits, 1, count);
+          });
         });
       });
     });
