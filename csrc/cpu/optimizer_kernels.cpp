@@ -285,6 +285,20 @@ struct GradSource {
   const at::Tensor* strided;  // the grad itself when it is not contiguous
 };
 
+// [note: prefetching the rows' tensors] A row's address is two dependent loads away,
+// its TensorImpl then the StorageImpl, which the kernel's last pass streamed out of the
+// caches: tensor s's are requested kAheadRows rows ahead, its StorageImpl's half as far
+// (3000 shared-memory params, SGD, perf: param_rows and grad_sources 4.8% -> 3.0% of the
+// main thread's samples).
+constexpr int64_t kAheadRows = 8;
+
+inline void prefetch_tensor(const at::TensorList tensors, int64_t s) {
+  const int64_t n = static_cast<int64_t>(tensors.size());
+  if (s + kAheadRows < n) __builtin_prefetch(tensors[s + kAheadRows].unsafeGetTensorImpl(), 0, 3);
+  if (s + kAheadRows / 2 < n)
+    __builtin_prefetch(tensors[s + kAheadRows / 2].unsafeGetTensorImpl()->unsafe_storage().unsafeGetStorageImpl(), 0, 3);
+}
+
 // Every segment's GradSource, gathered in one pass before the threads start: the
 // update loop then reads one small array instead of a Tensor per row, whose metadata
 // its own streaming through the buffers has long evicted from the cache (3000 small
@@ -300,6 +314,7 @@ std::vector<GradSource<scalar_t>> grad_sources(const at::TensorList grads, bool 
     return sources;
   }
   for (int64_t s = 0; s < num_segments; ++s) {
+    prefetch_tensor(grads, s);
     const at::Tensor& g = grads[s];
     sources[s] = {g.data_ptr<scalar_t>(), g.is_contiguous(), &g};
   }
@@ -311,9 +326,11 @@ template <typename scalar_t>
 std::vector<scalar_t*> param_rows(const at::TensorList params, bool flat_params, const int64_t* seg,
                                   int64_t num_segments) {
   std::vector<scalar_t*> rows(num_segments);
-  for (int64_t s = 0; s < num_segments; ++s)
+  for (int64_t s = 0; s < num_segments; ++s) {
+    if (!flat_params) prefetch_tensor(params, s);
     rows[s] = flat_params ? params[0].data_ptr<scalar_t>() + seg[s * kSegmentColumns + kFlatOffset]
                           : params[s].data_ptr<scalar_t>();
+  }
   return rows;
 }
 
@@ -570,6 +587,38 @@ inline void for_each_block(int64_t n, const Block& block) {
   if (i < n) block(i, n - i);
 }
 
+// [note: prefetching across pages] A parameter in shared memory is a mapping of its own,
+// its pages apart from the next parameter's, and the hardware prefetcher stops at each
+// 4 KB page: every page of every row then starts with a cache miss nothing requested.
+// The block loops request the param and grad kPrefetchBytes ahead, past a row's end the
+// next row's start. The kernel op over 3000 shared-memory rows of 2048 floats (SGD,
+// 2-core EPYC, one process, 40 alternations): 1.06-1.11x faster; over the same rows in
+// fusedopt's buffers (pages the hardware follows), 0.97-1.02x, unchanged.
+constexpr int64_t kPrefetchBytes = 1024;
+
+// Where the next row's param and grad start, for prefetch_ahead.
+template <typename scalar_t>
+struct NextRow {
+  scalar_t* param;
+  const scalar_t* grad;
+};
+
+template <typename scalar_t>
+NextRow<scalar_t> next_row(const std::vector<scalar_t*>& param_rows, const std::vector<GradSource<scalar_t>>& sources,
+                           int64_t s) {
+  const int64_t next = s + 1 < static_cast<int64_t>(sources.size()) ? s + 1 : s;
+  return {param_rows[next], sources[next].data};
+}
+
+// Requests element i + kPrefetchBytes of a piece's param p and grad g (n elements), or
+// past its end the next row's.
+template <typename scalar_t>
+inline void prefetch_ahead(const scalar_t* p, const scalar_t* g, int64_t i, int64_t n, const NextRow<scalar_t>& next) {
+  const int64_t j = i + kPrefetchBytes / static_cast<int64_t>(sizeof(scalar_t));
+  __builtin_prefetch(j < n ? p + j : next.param + (j - n), 1);
+  __builtin_prefetch(j < n ? g + j : next.grad + (j - n), 0);
+}
+
 // [note: invariants in locals] The block loops store through float pointers, and C++
 // lets such a store alias any float the loop reads through a pointer or reference: the
 // coefficients and the grad scale that the parallel region's lambdas capture by
@@ -650,6 +699,7 @@ void adam_kernel(const std::vector<scalar_t*>& param_rows, float* master, state_
         coefficients_step = row_step;
       }
       const int64_t base = row[kFlatOffset];
+      const NextRow<scalar_t> next = next_row(param_rows, sources, s);
       for_each_contiguous_grad_block(sources[s], begin, end, zero_grads,
                                      [&](int64_t i0, int64_t n, const scalar_t* g) {
         const AdamCoefficients<opmath_t> k = c;  // [note: invariants in locals]
@@ -668,6 +718,7 @@ void adam_kernel(const std::vector<scalar_t*>& param_rows, float* master, state_
             if (stochastic) block_bits = BlockBits(rounding, first_index + i);
             const BlockBits* bits = stochastic ? &block_bits : nullptr;
             Vec p0, p1, g0, g1, m0, m1, v0, v1, x0, x1;
+            prefetch_ahead(p, g, i, n, next);
             load_param(p + i, pm != nullptr ? pm + i : nullptr, p0, p1, count);
             IO::load(g + i, g0, g1, count);
             SIO::load(m + i, m0, m1, count);
@@ -705,6 +756,7 @@ void sgd_kernel(const std::vector<scalar_t*>& param_rows, float* master, state_t
                                                                                        int64_t end) {
       const bool first_time = first_step[s] != 0;
       const int64_t base = seg[s * kSegmentColumns + kFlatOffset];
+      const NextRow<scalar_t> next = next_row(param_rows, sources, s);
       for_each_contiguous_grad_block(sources[s], begin, end, zero_grads,
                                      [&](int64_t i0, int64_t n, const scalar_t* g) {
         const auto k = c;  // [note: invariants in locals]
@@ -720,6 +772,7 @@ void sgd_kernel(const std::vector<scalar_t*>& param_rows, float* master, state_t
             if (stochastic) block_bits = BlockBits(rounding, first_index + i);
             const BlockBits* bits = stochastic ? &block_bits : nullptr;
             Vec p0, p1, g0, g1, b0, b1;
+            prefetch_ahead(p, g, i, n, next);
             load_param(p + i, pm != nullptr ? pm + i : nullptr, p0, p1, count);
             IO::load(g + i, g0, g1, count);
             if constexpr (has_momentum) SIO::load(buf + i, b0, b1, count);
