@@ -588,15 +588,21 @@ inline void for_each_block(int64_t n, const Block& block) {
 }
 
 // [note: prefetching across pages] A parameter in shared memory is a mapping of its own,
-// its pages apart from the next parameter's, and the hardware prefetcher stops at each
-// 4 KB page: every page of every row then starts with a cache miss nothing requested.
-// The block loops request the param and grad kPrefetchBytes ahead, past a row's end the
-// next row's start. The kernel op over 3000 shared-memory rows of 2048 floats (SGD,
-// 2-core EPYC, one process, 40 alternations): 1.06-1.11x faster; over the same rows in
-// fusedopt's buffers (pages the hardware follows), 0.97-1.02x, unchanged.
+// its pages apart from the next parameter's: the hardware prefetcher cannot guess where
+// the next row starts, so every row of such a group began with cache misses nothing had
+// requested. Over a piece's last kPrefetchBytes the block loops request the next row's
+// param and grad start. Only there: requesting every block's param and grad kPrefetchBytes
+// ahead everywhere (as first written) took the SGD op over 3000 shared-memory rows of
+// 2048 floats 1.06-1.11x faster on a 2-core EPYC Zen 3 with AVX2, but on a Zen 4 the
+// AVX-512 kernels then ran GPT-2's big tensors ~25% slower (SGD 0.78x torch fused's speed
+// where they ran 1.06x without; paired in one process, 2 and 3 processes per build).
+// Prefetching at row ends only, on the Zen 4: GPT-2 SGD 1.04-1.10x, AdamW 1.03-1.05x
+// (none: 1.05-1.06x, 1.06-1.14x); the SGD op over the 3000 shared-memory rows 2.17-2.65 ms
+// (AVX-512; none: 2.34-2.72, every block: 2.50-3.09) and 2.18-2.34 ms (AVX2; none
+// 2.37-2.59, every block 2.45-2.88), `benchmarks/host_cost.py --shared-memory`.
 constexpr int64_t kPrefetchBytes = 1024;
 
-// Where the next row's param and grad start, for prefetch_ahead.
+// Where the next row's param and grad start, for prefetch_next_row.
 template <typename scalar_t>
 struct NextRow {
   scalar_t* param;
@@ -610,13 +616,15 @@ NextRow<scalar_t> next_row(const std::vector<scalar_t*>& param_rows, const std::
   return {param_rows[next], sources[next].data};
 }
 
-// Requests element i + kPrefetchBytes of a piece's param p and grad g (n elements), or
-// past its end the next row's.
+// In the block at element i of a piece of n elements: when i + kPrefetchBytes lies past
+// the piece's end, requests the next row's param and grad that far into it.
 template <typename scalar_t>
-inline void prefetch_ahead(const scalar_t* p, const scalar_t* g, int64_t i, int64_t n, const NextRow<scalar_t>& next) {
-  const int64_t j = i + kPrefetchBytes / static_cast<int64_t>(sizeof(scalar_t));
-  __builtin_prefetch(j < n ? p + j : next.param + (j - n), 1);
-  __builtin_prefetch(j < n ? g + j : next.grad + (j - n), 0);
+inline void prefetch_next_row(int64_t i, int64_t n, const NextRow<scalar_t>& next) {
+  const int64_t j = i + kPrefetchBytes / static_cast<int64_t>(sizeof(scalar_t)) - n;
+  if (j >= 0) {
+    __builtin_prefetch(next.param + j, 1);
+    __builtin_prefetch(next.grad + j, 0);
+  }
 }
 
 // [note: invariants in locals] The block loops store through float pointers, and C++
@@ -718,7 +726,7 @@ void adam_kernel(const std::vector<scalar_t*>& param_rows, float* master, state_
             if (stochastic) block_bits = BlockBits(rounding, first_index + i);
             const BlockBits* bits = stochastic ? &block_bits : nullptr;
             Vec p0, p1, g0, g1, m0, m1, v0, v1, x0, x1;
-            prefetch_ahead(p, g, i, n, next);
+            prefetch_next_row(i, n, next);
             load_param(p + i, pm != nullptr ? pm + i : nullptr, p0, p1, count);
             IO::load(g + i, g0, g1, count);
             SIO::load(m + i, m0, m1, count);
@@ -772,7 +780,7 @@ void sgd_kernel(const std::vector<scalar_t*>& param_rows, float* master, state_t
             if (stochastic) block_bits = BlockBits(rounding, first_index + i);
             const BlockBits* bits = stochastic ? &block_bits : nullptr;
             Vec p0, p1, g0, g1, b0, b1;
-            prefetch_ahead(p, g, i, n, next);
+            prefetch_next_row(i, n, next);
             load_param(p + i, pm != nullptr ? pm + i : nullptr, p0, p1, count);
             IO::load(g + i, g0, g1, count);
             if constexpr (has_momentum) SIO::load(buf + i, b0, b1, count);
