@@ -587,7 +587,7 @@ inline void for_each_block(int64_t n, const Block& block) {
   if (i < n) block(i, n - i);
 }
 
-// [note: prefetching across pages] A parameter in shared memory is a mapping of its own,
+// [note: prefetching the next row] A parameter in shared memory is a mapping of its own,
 // its pages apart from the next parameter's: the hardware prefetcher cannot guess where
 // the next row starts, so every row of such a group began with cache misses nothing had
 // requested. Over a piece's last kPrefetchBytes the block loops request the next row's
