@@ -9,6 +9,10 @@
 #include <cstring>
 #include <vector>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 #include <ATen/Dispatch.h>
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -366,6 +370,38 @@ PyObject* hold(PyObject* /*module*/, PyObject* tensors) {
   return capsule;
 }
 
+// fresh_huge_pages(t): the whole 2 MiB pages inside a CPU tensor's memory are given
+// back and faulted in again, at the next write, as transparent huge pages where the
+// system grants them (madvise MADV_HUGEPAGE, then MADV_DONTNEED: memory the allocator
+// recycles is already backed by 4 KiB pages, which the first advice alone would leave).
+// What those pages held is lost (they read as zeros): for a tensor just made, before it
+// is written. Returns the bytes advised (0 off Linux or where the system refuses).
+// flat_buffer.py's [note: huge pages] says why.
+PyObject* fresh_huge_pages(PyObject* /*module*/, PyObject* arg) {
+  if (!is_tensor_object(arg)) {
+    PyErr_SetString(PyExc_TypeError, "fresh_huge_pages: expected a tensor");
+    return nullptr;
+  }
+  const at::Tensor& t = THPVariable_Unpack(arg);
+  if (!t.device().is_cpu() || !t.is_contiguous()) {
+    PyErr_SetString(PyExc_ValueError, "fresh_huge_pages: expected a contiguous CPU tensor");
+    return nullptr;
+  }
+  size_t advised = 0;
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHugePage = uintptr_t(2) << 20;
+  const auto begin = reinterpret_cast<uintptr_t>(t.const_data_ptr());
+  const uintptr_t first = (begin + kHugePage - 1) & ~(kHugePage - 1);
+  const uintptr_t last = (begin + t.nbytes()) & ~(kHugePage - 1);
+  if (first < last) {
+    void* start = reinterpret_cast<void*>(first);
+    if (madvise(start, last - first, MADV_HUGEPAGE) == 0 && madvise(start, last - first, MADV_DONTNEED) == 0)
+      advised = last - first;
+  }
+#endif
+  return PyLong_FromSize_t(advised);
+}
+
 // Test hooks of the CUDA kernels' per-row table (row_table.h), for tests/test_row_table.py
 // only: the same code that builds the table and reads it on the device, run here on the
 // host over CPU tensors, so a machine without a GPU checks its index math against torch.
@@ -569,6 +605,8 @@ PyMethodDef methods[] = {
     {"same_items", same_items, METH_VARARGS, "Whether two sequences hold the same objects, in order."},
     {"bump_versions", bump_versions, METH_O, "Increments the autograd version of every tensor in a list."},
     {"hold", hold, METH_O, "An object that holds a C++ reference to every tensor of a list while it lives."},
+    {"fresh_huge_pages", fresh_huge_pages, METH_O,
+     "Discards the whole 2 MiB pages inside a CPU tensor, to be faulted in as huge pages."},
     {"call_op", call_op, METH_VARARGS, "torch.ops.<name>(*args) of an op returning nothing, called from C."},
     {"_row_table", row_table, METH_VARARGS, "Test hook: the CUDA kernels' per-row table, built on the host."},
     {"_row_walk", row_walk, METH_VARARGS, "Test hook: the CUDA kernels' reading of the per-row table, on the host."},

@@ -86,6 +86,33 @@ def may_move(t: torch.Tensor, own_memory: list[tuple[int, int]] = ()) -> bool:
     return any(start <= address < end for start, end in own_memory) or _C.sole_owner(t)
 
 
+# [note: huge pages] A step streams every byte of its buffers once, and with 4 KiB pages
+# every 4 KiB of each stream is a TLB miss and a page walk. On Linux with transparent
+# huge pages on "madvise" (the default of Ubuntu and Debian, and this project's machines)
+# memory is backed by 2 MiB pages only where a program asks. fusedopt asks for its own
+# flat buffers (moved params, state, flat grads); torch's allocator does not for the
+# tensors of torch.optim (unless THP_MEM_ALLOC_ENABLE=1). The same step over the same
+# values with the buffers on huge pages against 4 KiB pages, interleaved in one process
+# (2-core EPYC Zen 4, two runs, medians of 40-150 steps; grads are the caller's 4 KiB
+# pages): 3000 params of 2048, SGD moved 1.13-1.14x as fast, in shared memory (only the
+# state ours) 1.06-1.10x; AdamW 1.10-1.12x and 0.99-1.10x; 48 params of 1M 1.00-1.17x.
+HUGE_PAGE = 2 << 20
+
+
+def zeros(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``torch.zeros(numel)``; on the CPU, a buffer of two huge pages or more lies on huge
+    pages from its first whole one (``_C.fresh_huge_pages``), beginning at a 2 MiB
+    boundary. It is then a view at an offset of a slightly larger allocation."""
+    device = torch.device(device)
+    if device.type != "cpu" or numel * dtype.itemsize < 2 * HUGE_PAGE:
+        return torch.zeros(numel, dtype=dtype, device=device)
+    raw = torch.empty(numel + HUGE_PAGE // dtype.itemsize, dtype=dtype)
+    start = (-raw.data_ptr() % HUGE_PAGE) // dtype.itemsize
+    flat = raw[start:start + numel]
+    _C.fresh_huge_pages(flat)
+    return flat.zero_()
+
+
 def _span(flat: torch.Tensor) -> tuple[int, int]:
     return flat.data_ptr(), flat.data_ptr() + flat.numel() * flat.element_size()
 
@@ -150,8 +177,7 @@ class FlatBuffer:
         self.copied = [i for i, place in enumerate(self.places) if place == COPIED]
         self.has_shards = SHARD in self.places
         all_in_data = all(place in IN_DATA for place in self.places)
-        self.data = torch.zeros(self.numel if all_in_data else _round_up(data_numel, align), dtype=self.dtype,
-                                device=self.device)
+        self.data = zeros(self.numel if all_in_data else _round_up(data_numel, align), self.dtype, self.device)
         # Per row: where the parameter is expected (views) and the contiguous tensor the
         # kernels update (homes; segment_table.h).
         self.views: list[torch.Tensor] = []
@@ -252,9 +278,9 @@ class FlatBuffer:
         flat = self.state.get(key)
         dtype = self.state_dtypes.get(key, self.dtype)
         if flat is None:
-            flat = self.state[key] = torch.zeros(self.numel, dtype=dtype, device=self.device)
+            flat = self.state[key] = zeros(self.numel, dtype, self.device)
         elif flat.dtype != dtype:
-            flat = self.state[key] = flat.to(dtype)
+            flat = self.state[key] = zeros(self.numel, dtype, self.device).copy_(flat)
         return flat
 
     def set_state_dtypes(self, dtypes: dict[str, torch.dtype]) -> bool:
@@ -302,7 +328,7 @@ class FlatBuffer:
         parameter or held by the user, a DTensor's, which its engine owns) is zeroed where
         it is. Returns the grads zeroed."""
         if self.grad_buffer is None:
-            self.grad_buffer = torch.zeros(self.numel, dtype=self.dtype, device=self.device)
+            self.grad_buffer = zeros(self.numel, self.dtype, self.device)
         zeroed = []
         for i in rows:
             p = self.params[i]

@@ -3,6 +3,7 @@ strides and values; zero_grad as torch; training through autograd as torch; a pa
 leaves its buffer (model.to(), p.data = ...) is re-packed or refused, never silently stale.
 """
 import copy
+import sys
 
 import pytest
 import torch
@@ -164,6 +165,53 @@ def _train_step(model, opt, step, set_to_none, device):
     loss.backward()
     opt.step()
     return loss.detach()
+
+
+def _vm_flags(address: int) -> list[str]:
+    """The VmFlags of this process's mapping that holds ``address`` (/proc/self/smaps)."""
+    mapping = None
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                start, end = (int(x, 16) for x in head.split("-"))
+                mapping = start <= address < end
+            elif mapping and head == "VmFlags:":
+                return line.split()[1:]
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+@pytest.mark.parametrize("algo", ALGOS)
+def test_buffers_of_several_huge_pages_train_like_torch_and_ask_for_huge_pages(algo):
+    """fusedopt's CPU buffers of two huge pages or more (moved params, state, the flat grad
+    buffer) start at a 2 MiB boundary of memory advised for transparent huge pages
+    ([note: huge pages] in fusedopt/flat_buffer.py): an aligned view of a larger
+    allocation, which must train, zero grads and save like any other buffer."""
+    params = make_params([(1100, 1024), (577,), (3, 5)])  # 4.5 MB of float32
+    pair = OptimizerPair(algo, params, **default_kwargs(algo, **OPTIONS[algo]))
+    for step in range(3):
+        for group in (pair.ref_params, pair.fused_params):  # into the flat grad buffer once there
+            for p, g in zip(group, random_grads(params, step)):
+                if p.grad is None:
+                    p.grad = g
+                else:
+                    p.grad.copy_(g)
+        pair.ref.step()
+        pair.fused.step()
+        pair.check()
+        pair.ref.zero_grad(set_to_none=False)
+        pair.fused.zero_grad(set_to_none=False)
+    buf = pair.fused._slots[pair.fused_params[0]][0]
+    flats = [buf.data, buf.grad_buffer, *buf.state.values()]
+    assert len(flats) == 2 + len(pair.ref.state[pair.ref_params[0]]) - (algo != "SGD")  # no "step" buffer
+    for flat in flats:
+        assert flat.data_ptr() % (2 << 20) == 0
+        if sys.platform == "linux":
+            assert "hg" in _vm_flags(flat.data_ptr()), "not advised for huge pages (madvise MADV_HUGEPAGE)"
+    loaded = getattr(fusedopt, algo)(pair.fused_params, **default_kwargs(algo, **OPTIONS[algo]))
+    loaded.load_state_dict(copy.deepcopy(pair.fused.state_dict()))
+    pair.fused = loaded
+    pair.check()
 
 
 @pytest.mark.parametrize("set_to_none", [True, False], ids=["set_to_none", "zeroed_grads"])
