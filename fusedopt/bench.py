@@ -238,25 +238,29 @@ def random_tensors(shapes, device, dtype, generator) -> list[torch.Tensor]:
 
 def build_case(shapes, algo: Algo, device, dtype, seed: int, low_precision: bool = False, skip=(),
                shared: bool = False):
-    """(params, runners): every implementation of one case, all stepping the *same*
-    parameters, grads and optimizer state, which live in fusedopt's flat buffers;
-    torch.optim's optimizers are handed the state as views, as fusedopt's own `state`
-    holds it. (A private copy for each of five implementations took 12 GB on GPT-2
-    Adam.) A step reads and writes every element whatever its value, so sharing leaves
-    each implementation's work unchanged, and a case's tensors are far larger than the
-    caches, so none finds another's data there.
+    """(params, runners): every implementation of one case, each stepping memory as it
+    would allocate it. fusedopt steps its own flat buffers (params moved in, state; on
+    the CPU on huge pages, [note: huge pages] in flat_buffer.py). torch.optim's steps
+    share one copy of the params, grads and state that torch's allocator made, as a
+    training run's own would be: its for-loop, foreach and fused optimizers are handed
+    the same state tensors (a private copy for each of five implementations took 12 GB
+    on GPT-2 Adam). A step reads and writes every element whatever its value, so
+    sharing leaves each implementation's work unchanged, and a case's tensors are far
+    larger than the caches, so none finds another's data there.
 
     Grads: fusedopt (flat grads) gets the views of its flat grad buffer that
-    zero_grad(set_to_none=False) makes, which it steps as one range. Everyone else gets
-    other tensor objects over the same memory, one per parameter, which fusedopt reads
-    as it reads autograd's grads: tensor by tensor, through its per-parameter table.
+    zero_grad(set_to_none=False) makes, which it steps as one range. fusedopt reads
+    torch's grads, one tensor per parameter as autograd makes them, through its
+    per-parameter table.
 
     ``shared``: the params are moved to shared memory first (``share_memory_()``, as
-    PyTorch's Hogwild recipe does), where fusedopt updates them in place."""
+    PyTorch's Hogwild recipe does), where fusedopt updates them in place. Returns
+    fusedopt's params."""
     generator = torch.Generator(device=device).manual_seed(seed)
     params = random_tensors(shapes, device, dtype, generator)
+    torch_params = [p.clone() for p in params]
     if shared:
-        for p in params:
+        for p in (*params, *torch_params):
             p.share_memory_()
     fused = algo.fusedopt_cls(params, **algo.kwargs)  # packs params into its flat buffers
 
@@ -269,18 +273,20 @@ def build_case(shapes, algo: Algo, device, dtype, seed: int, low_precision: bool
     with torch.no_grad():
         for g in flat_grads:
             g.normal_(generator=generator)
-    grads = [g.view_as(g) for g in flat_grads]
+    grads = [g.clone() for g in flat_grads]
 
     seat_grads(params, grads)
-    fused.step()  # creates the state that every implementation steps
+    fused.step()  # creates fusedopt's state; torch's is a copy of it
+    torch_state = {q: {key: value.clone() for key, value in fused.state[p].items()}
+                   for p, q in zip(params, torch_params)}
     runners = []
     for peer in peers_for(device, skip):
         if low_precision and peer.name not in LOW_PRECISION_PEERS:
             continue
-        opt = algo.torch_cls(params, **peer.options, **algo.kwargs)
-        for p in params:
-            opt.state[p] = dict(fused.state[p])  # the same tensors, in torch's own dict
-        runners.append(Runner(peer.name, peer.wrap(opt), grads))
+        opt = algo.torch_cls(torch_params, **peer.options, **algo.kwargs)
+        for q in torch_params:
+            opt.state[q] = dict(torch_state[q])  # the same tensors in each peer's own dict
+        runners.append(Runner(peer.name, peer.wrap(opt), grads, params=torch_params))
     runners += [Runner(FUSEDOPT, fused.step, grads), Runner(FUSEDOPT_FLAT, fused.step, flat_grads, flat_note)]
     if low_precision:
         runners += low_precision_runners(shapes, algo, device, seed, grads)

@@ -75,31 +75,45 @@ def optimizer_state(opt, params):
     return [{k: v.clone() for k, v in opt.state[p].items()} for p in params]
 
 
+@pytest.mark.parametrize("shared", [False, True], ids=["owned", "shared_memory"])
 @pytest.mark.parametrize("algo", list(bench.ALGOS))
-def test_each_implementation_steps_the_shared_tensors_as_it_would_its_own(algo):
-    """The runners share params, grads and state; each step must be the update that
-    implementation makes on private copies (so the shared tensors carry its real work)."""
+def test_each_implementation_steps_its_own_memory_as_it_would_on_its_own(algo, shared):
+    """torch.optim's runners share one copy of params, grads and state that torch's
+    allocator made, none of it in fusedopt's buffers (where it would get fusedopt's huge
+    pages); fusedopt steps its flat buffers. Each step must be the update that
+    implementation makes on private copies (so the tensors carry its real work)."""
     params, runners = bench.build_case(SHAPES, bench.ALGOS[algo], torch.device("cpu"),
-                                       torch.float32, seed=0)
+                                       torch.float32, seed=0, shared=shared)
     assert [r.name for r in runners] == ["torch for-loop", "torch foreach", "torch fused",
                                          "fusedopt", "fusedopt (flat grads)"]
     fused_opt = runners[-1].step.__self__
+    torch_params = runners[0].params
+    assert all(r.params is torch_params for r in runners[:3]) and all(r.params is None for r in runners[3:])
+    torch_state = runners[2].step.__self__.state
+    assert len(fused_opt._own_memory()) >= 3  # its params, its flat grads, its state
+    torch_memory = [*torch_params, *runners[0].grads, *(v for q in torch_params for v in torch_state[q].values())]
+    for t in torch_memory:
+        assert not any(start <= t.data_ptr() < end for start, end in fused_opt._own_memory())
+        assert t.is_shared() == (shared and any(t is q for q in torch_params))
+    assert all(p.is_shared() == shared for p in params)
     for runner in runners:
         assert runner.note == "" and runner.step is not None, runner.note
+        stepped = runner.params or params
+        state = torch_state if runner.params is not None else fused_opt.state
         # What torch.optim (for-loop) makes of the same values on copies of its own.
-        ref_params = [p.detach().clone() for p in params]
+        ref_params = [p.detach().clone() for p in stepped]
         ref = bench.ALGOS[algo].torch_cls(ref_params, foreach=False, **bench.ALGOS[algo].kwargs)
-        for rp, p, g in zip(ref_params, params, runner.grads):
+        for rp, p, g in zip(ref_params, stepped, runner.grads):
             rp.grad = g.clone()
-            ref.state[rp] = {k: v.clone() for k, v in fused_opt.state[p].items()}
+            ref.state[rp] = {k: v.clone() for k, v in state[p].items()}
         ref.step()
 
-        bench.seat_grads(params, runner.grads)
+        bench.seat_grads(stepped, runner.grads)
         runner.step()
-        for i, (p, rp) in enumerate(zip(params, ref_params)):
+        for i, (p, rp) in enumerate(zip(stepped, ref_params)):
             torch.testing.assert_close(p, rp, msg=lambda m: f"{runner.name}, param {i}: {m}")
-        assert_states_close(optimizer_state(fused_opt, params), optimizer_state(ref, ref_params),
-                            runner.name)
+        assert_states_close([{k: v.clone() for k, v in state[p].items()} for p in stepped],
+                            optimizer_state(ref, ref_params), runner.name)
 
 
 def assert_states_close(actual, expected, what):
@@ -115,8 +129,10 @@ def test_flat_grads_runner_reads_the_flat_buffer_and_the_others_separate_tensors
     by_name = {r.name: r for r in runners}
     flat, given = by_name["fusedopt (flat grads)"].grads, by_name["fusedopt"].grads
     assert len({g.untyped_storage().data_ptr() for g in flat}) == 1
-    # Same values, other tensor objects: fusedopt reads these through its per-tensor table.
-    assert all(a is not b and torch.equal(a, b) for a, b in zip(given, flat))
+    # Same values, other tensors (torch's allocator's): fusedopt reads these through its
+    # per-tensor table.
+    assert all(a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr() and torch.equal(a, b)
+               for a, b in zip(given, flat))
     assert all(by_name[name].grads is given for name in ["torch for-loop", "torch foreach", "torch fused"])
 
 
