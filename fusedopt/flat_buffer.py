@@ -88,8 +88,8 @@ def may_move(t: torch.Tensor, own_memory: list[tuple[int, int]] = ()) -> bool:
 
 # [note: huge pages] A step streams every byte of its buffers once, and with 4 KiB pages
 # every 4 KiB of each stream is a TLB miss and a page walk. On Linux with transparent
-# huge pages on "madvise" (the default of Ubuntu and Debian, and this project's machines)
-# memory is backed by 2 MiB pages only where a program asks. fusedopt asks for its own
+# huge pages on "madvise" (Ubuntu's default, and this project's machines') memory is
+# backed by 2 MiB pages (x86-64's) only where a program asks. fusedopt asks for its own
 # flat buffers (moved params, state, flat grads); torch's allocator does not for the
 # tensors of torch.optim (unless THP_MEM_ALLOC_ENABLE=1). The same step over the same
 # values with the buffers on huge pages against 4 KiB pages, interleaved in one process
