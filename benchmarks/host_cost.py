@@ -45,17 +45,20 @@ def main():
     torch_cls, fused_cls, module, op_name, kwargs = ALGOS[args.algo]
     torch.manual_seed(0)
     params = [torch.randn(args.size) for _ in range(args.count)]
+    torch_params = [p.clone() for p in params]  # torch's memory of its own, as the bench gives it
     if args.shared_memory:
-        for p in params:
+        for p in (*params, *torch_params):
             p.share_memory_()
-    params = [torch.nn.Parameter(p) if args.parameters else p.requires_grad_() for p in params]
+    params, torch_params = ([torch.nn.Parameter(p) if args.parameters else p.requires_grad_() for p in ps]
+                            for ps in (params, torch_params))
     fused = fused_cls(params, **kwargs)
-    for p in params:
+    for p, q in zip(params, torch_params):
         p.grad = torch.randn_like(p)
+        q.grad = p.grad.clone()
     fused.step()
-    reference = torch_cls(params, fused=True, **kwargs)
-    for p in params:
-        reference.state[p] = dict(fused.state[p])  # the same state tensors, as the bench does
+    reference = torch_cls(torch_params, fused=True, **kwargs)
+    for p, q in zip(params, torch_params):
+        reference.state[q] = {key: value.clone() for key, value in fused.state[p].items()}
 
     op = getattr(module.ops, op_name)
     calls = []
