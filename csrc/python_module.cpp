@@ -6,6 +6,7 @@
 #include <Python.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <vector>
 
@@ -17,6 +18,8 @@
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
+#include <torch/csrc/Dtype.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/csrc/autograd/variable.h>
@@ -370,36 +373,33 @@ PyObject* hold(PyObject* /*module*/, PyObject* tensors) {
   return capsule;
 }
 
-// fresh_huge_pages(t): the whole 2 MiB pages inside a CPU tensor's memory are given
-// back and faulted in again, at the next write, as transparent huge pages where the
-// system grants them (madvise MADV_HUGEPAGE, then MADV_DONTNEED: memory the allocator
-// recycles is already backed by 4 KiB pages, which the first advice alone would leave).
-// What those pages held is lost (they read as zeros): for a tensor just made, before it
-// is written. Returns the bytes advised (0 off Linux or where the system refuses).
+// huge_page_empty(numel, dtype): an uninitialised 1-d CPU tensor whose memory starts on a
+// 2 MiB boundary, its whole 2 MiB pages advised as transparent huge pages (madvise
+// MADV_HUGEPAGE, and MADV_DONTNEED first: memory malloc recycles is already backed by
+// 4 KiB pages, which the advice alone would leave); its last partial 2 MiB, if any, stays
+// on small pages, so it takes no more memory than torch.empty. Its storage is exactly its
+// bytes (a checkpoint saves no padding). Off Linux: aligned, without the advice.
 // flat_buffer.py's [note: huge pages] says why.
-PyObject* fresh_huge_pages(PyObject* /*module*/, PyObject* arg) {
-  if (!is_tensor_object(arg)) {
-    PyErr_SetString(PyExc_TypeError, "fresh_huge_pages: expected a tensor");
-    return nullptr;
-  }
-  const at::Tensor& t = THPVariable_Unpack(arg);
-  if (!t.device().is_cpu() || !t.is_contiguous()) {
-    PyErr_SetString(PyExc_ValueError, "fresh_huge_pages: expected a contiguous CPU tensor");
-    return nullptr;
-  }
-  size_t advised = 0;
+PyObject* huge_page_empty(PyObject* /*module*/, PyObject* args) {
+  HANDLE_TH_ERRORS
+  Py_ssize_t numel;
+  PyObject* dtype;
+  if (!PyArg_ParseTuple(args, "nO!", &numel, &THPDtypeType, &dtype)) return nullptr;
+  TORCH_CHECK(numel >= 0, "huge_page_empty: numel must not be negative");
+  const at::ScalarType scalar_type = reinterpret_cast<THPDtype*>(dtype)->scalar_type;
+  constexpr size_t kHugePage = size_t(2) << 20;
+  const size_t nbytes = static_cast<size_t>(numel) * c10::elementSize(scalar_type);
+  void* memory = nullptr;
+  TORCH_CHECK(posix_memalign(&memory, kHugePage, std::max<size_t>(nbytes, 1)) == 0,
+              "huge_page_empty: out of memory allocating ", nbytes, " bytes");
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHugePage = uintptr_t(2) << 20;
-  const auto begin = reinterpret_cast<uintptr_t>(t.const_data_ptr());
-  const uintptr_t first = (begin + kHugePage - 1) & ~(kHugePage - 1);
-  const uintptr_t last = (begin + t.nbytes()) & ~(kHugePage - 1);
-  if (first < last) {
-    void* start = reinterpret_cast<void*>(first);
-    if (madvise(start, last - first, MADV_HUGEPAGE) == 0 && madvise(start, last - first, MADV_DONTNEED) == 0)
-      advised = last - first;
-  }
+  const size_t whole = nbytes / kHugePage * kHugePage;
+  if (whole > 0 && madvise(memory, whole, MADV_DONTNEED) == 0) madvise(memory, whole, MADV_HUGEPAGE);
 #endif
-  return PyLong_FromSize_t(advised);
+  at::Tensor t = at::from_blob(memory, {static_cast<int64_t>(numel)}, [](void* data) { free(data); },
+                               at::TensorOptions().dtype(scalar_type));
+  return THPVariable_Wrap(std::move(t));
+  END_HANDLE_TH_ERRORS
 }
 
 // Test hooks of the CUDA kernels' per-row table (row_table.h), for tests/test_row_table.py
@@ -605,8 +605,8 @@ PyMethodDef methods[] = {
     {"same_items", same_items, METH_VARARGS, "Whether two sequences hold the same objects, in order."},
     {"bump_versions", bump_versions, METH_O, "Increments the autograd version of every tensor in a list."},
     {"hold", hold, METH_O, "An object that holds a C++ reference to every tensor of a list while it lives."},
-    {"fresh_huge_pages", fresh_huge_pages, METH_O,
-     "Discards the whole 2 MiB pages inside a CPU tensor, to be faulted in as huge pages."},
+    {"huge_page_empty", huge_page_empty, METH_VARARGS,
+     "An uninitialised 1-d CPU tensor on a 2 MiB boundary, its whole 2 MiB pages advised as huge pages."},
     {"call_op", call_op, METH_VARARGS, "torch.ops.<name>(*args) of an op returning nothing, called from C."},
     {"_row_table", row_table, METH_VARARGS, "Test hook: the CUDA kernels' per-row table, built on the host."},
     {"_row_walk", row_walk, METH_VARARGS, "Test hook: the CUDA kernels' reading of the per-row table, on the host."},

@@ -100,17 +100,12 @@ HUGE_PAGE = 2 << 20
 
 
 def zeros(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """``torch.zeros(numel)``; on the CPU, a buffer of two huge pages or more lies on huge
-    pages from its first whole one (``_C.fresh_huge_pages``), beginning at a 2 MiB
-    boundary. It is then a view at an offset of a slightly larger allocation."""
+    """``torch.zeros(numel)``; on the CPU, a buffer of two huge pages or more starts on a
+    2 MiB boundary and its whole 2 MiB pages are huge pages (``_C.huge_page_empty``)."""
     device = torch.device(device)
     if device.type != "cpu" or numel * dtype.itemsize < 2 * HUGE_PAGE:
         return torch.zeros(numel, dtype=dtype, device=device)
-    raw = torch.empty(numel + HUGE_PAGE // dtype.itemsize, dtype=dtype)
-    start = (-raw.data_ptr() % HUGE_PAGE) // dtype.itemsize
-    flat = raw[start:start + numel]
-    _C.fresh_huge_pages(flat)
-    return flat.zero_()
+    return _C.huge_page_empty(numel, dtype).zero_()
 
 
 def _span(flat: torch.Tensor) -> tuple[int, int]:

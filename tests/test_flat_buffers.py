@@ -185,8 +185,8 @@ def _vm_flags(address: int) -> list[str]:
 def test_buffers_of_several_huge_pages_train_like_torch_and_ask_for_huge_pages(algo):
     """fusedopt's CPU buffers of two huge pages or more (moved params, state, the flat grad
     buffer) start at a 2 MiB boundary of memory advised for transparent huge pages
-    ([note: huge pages] in fusedopt/flat_buffer.py): an aligned view of a larger
-    allocation, which must train, zero grads and save like any other buffer."""
+    ([note: huge pages] in fusedopt/flat_buffer.py), in storage of their own size (not
+    torch's allocator's), which must train, zero grads and save like any other buffer."""
     params = make_params([(1100, 1024), (577,), (3, 5)])  # 4.5 MB of float32
     pair = OptimizerPair(algo, params, **default_kwargs(algo, **OPTIONS[algo]))
     for step in range(3):
@@ -206,6 +206,8 @@ def test_buffers_of_several_huge_pages_train_like_torch_and_ask_for_huge_pages(a
     assert len(flats) == 2 + len(pair.ref.state[pair.ref_params[0]]) - (algo != "SGD")  # no "step" buffer
     for flat in flats:
         assert flat.data_ptr() % (2 << 20) == 0
+        # Nothing around it: a checkpoint saves a state view's whole storage.
+        assert flat.untyped_storage().nbytes() == flat.numel() * flat.element_size()
         if sys.platform == "linux":
             assert "hg" in _vm_flags(flat.data_ptr()), "not advised for huge pages (madvise MADV_HUGEPAGE)"
     loaded = getattr(fusedopt, algo)(pair.fused_params, **default_kwargs(algo, **OPTIONS[algo]))
