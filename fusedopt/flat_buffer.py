@@ -99,13 +99,18 @@ def may_move(t: torch.Tensor, own_memory: list[tuple[int, int]] = ()) -> bool:
 HUGE_PAGE = 2 << 20
 
 
-def zeros(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """``torch.zeros(numel)``; on the CPU, a buffer of two huge pages or more starts on a
+def empty(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``torch.empty(numel)``; on the CPU, a buffer of two huge pages or more starts on a
     2 MiB boundary and its whole 2 MiB pages are huge pages (``_C.huge_page_empty``)."""
     device = torch.device(device)
     if device.type != "cpu" or numel * dtype.itemsize < 2 * HUGE_PAGE:
-        return torch.zeros(numel, dtype=dtype, device=device)
-    return _C.huge_page_empty(numel, dtype).zero_()
+        return torch.empty(numel, dtype=dtype, device=device)
+    return _C.huge_page_empty(numel, dtype)
+
+
+def zeros(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``torch.zeros(numel)``, laid out as ``empty``."""
+    return empty(numel, dtype, device).zero_()
 
 
 def _span(flat: torch.Tensor) -> tuple[int, int]:
@@ -275,7 +280,7 @@ class FlatBuffer:
         if flat is None:
             flat = self.state[key] = zeros(self.numel, dtype, self.device)
         elif flat.dtype != dtype:
-            flat = self.state[key] = zeros(self.numel, dtype, self.device).copy_(flat)
+            flat = self.state[key] = empty(self.numel, dtype, self.device).copy_(flat)
         return flat
 
     def set_state_dtypes(self, dtypes: dict[str, torch.dtype]) -> bool:

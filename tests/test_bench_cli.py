@@ -71,8 +71,8 @@ def test_model_shapes_match_the_real_models(model, tensors, elements):
 SHAPES = [(16, 8), (8,), (3, 5, 2)]
 
 
-def optimizer_state(opt, params):
-    return [{k: v.clone() for k, v in opt.state[p].items()} for p in params]
+def optimizer_state(state, params):
+    return [{k: v.clone() for k, v in state[p].items()} for p in params]
 
 
 @pytest.mark.parametrize("shared", [False, True], ids=["owned", "shared_memory"])
@@ -112,8 +112,8 @@ def test_each_implementation_steps_its_own_memory_as_it_would_on_its_own(algo, s
         runner.step()
         for i, (p, rp) in enumerate(zip(stepped, ref_params)):
             torch.testing.assert_close(p, rp, msg=lambda m: f"{runner.name}, param {i}: {m}")
-        assert_states_close([{k: v.clone() for k, v in state[p].items()} for p in stepped],
-                            optimizer_state(ref, ref_params), runner.name)
+        assert_states_close(optimizer_state(state, stepped), optimizer_state(ref.state, ref_params),
+                            runner.name)
 
 
 def assert_states_close(actual, expected, what):

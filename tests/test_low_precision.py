@@ -725,8 +725,8 @@ def test_torch_optim_checkpoint_loads_into_master_weights_and_bf16_state():
     assert opt.state[fused_params[0]]["exp_avg"].dtype == torch.bfloat16
 
 
-# A buffer of several huge pages is made another way (flat_buffer.zeros: an aligned view
-# of a larger allocation, [note: huge pages]); its conversion too.
+# A buffer of several huge pages is made another way (flat_buffer.empty: memory of its own
+# on huge pages, [note: huge pages]); its conversion too.
 @pytest.mark.parametrize("shapes", [SHAPES, [(1100, 1024), *SHAPES]], ids=["small", "huge_pages"])
 def test_changing_state_dtype_in_param_groups_converts_the_state(shapes):
     params = make_params(torch.float32, shapes=shapes)
