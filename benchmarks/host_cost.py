@@ -1,7 +1,11 @@
 """Where a fusedopt step's time goes on many small parameters: the kernel op by itself,
 the op's argument passing (a call that GradScaler's found_inf makes return before the
 kernel), the per-step check of every row (``_collect_work``: ``_C.sync_check`` and the
-plans), and the rest. torch's fused step is timed in the same loop, interleaved.
+plans), and the rest. torch's fused step is timed in the same loop, interleaved, and so
+are torch's and fusedopt's steps over one tensor of as many elements: the same bytes
+moved with no per-parameter work, which bounds what any step over the many can reach
+(a step over many tensors cannot beat torch fused by more than torch fused's time over
+them divided by this).
 
     python benchmarks/host_cost.py [--algo sgd|adam|adamw] [--count 3000] [--size 2048]
                                    [--shared-memory] [--parameters] [--reps 200]
@@ -70,11 +74,22 @@ def main():
     names = [a.name for a in getattr(torch.ops.fusedopt, op_name).default._schema.arguments]
     skipped[names.index("found_inf")] = torch.ones(())
 
-    times = {"torch fused step": [], "fusedopt step": []}
-    for _ in range(args.reps // 10 or 1):  # interleaved, 10 steps each at a time
-        times["torch fused step"].append(median_us(reference.step, 10))
-        times["fusedopt step"].append(median_us(fused.step, 10))
-    rows = [(name, statistics.median(values)) for name, values in times.items()]
+    one = torch.nn.Parameter(torch.randn(args.count * args.size))  # torch's memory, as autograd's
+    one.grad = torch.randn_like(one)
+    one_torch = torch.nn.Parameter(one.detach().clone())
+    one_torch.grad = one.grad.clone()
+    steps = {"torch fused step": reference.step, "fusedopt step": fused.step,
+             "torch fused step, one tensor of as many elements": torch_cls([one_torch], fused=True, **kwargs).step,
+             "fusedopt step, one tensor of as many elements": fused_cls([one], **kwargs).step}
+    for step in steps.values():
+        step()  # the one-tensor optimizers' first step makes their state
+    times = {name: [] for name in steps}
+    for _ in range(args.reps):  # round robin, as the bench: no step finds its data left in the caches
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
+    rows = [(name, 1e6 * statistics.median(values)) for name, values in times.items()]
     def run(op, *args):  # as the step calls the op
         with torch.no_grad():
             module.ops.run(op, *args)
@@ -89,6 +104,11 @@ def main():
     print(f"{args.algo}, {args.count} {kind} of {args.size}, {where}; {len(call[0])} param tensor(s) to the op")
     for name, us in rows:
         print(f"  {name:50s} {us:9.1f} us")
+    ms = dict(rows)
+    ceiling = ms["torch fused step"] / ms["torch fused step, one tensor of as many elements"]
+    print(f"  ceiling: torch fused's step over these tensors / over one tensor of as many elements = {ceiling:.2f}x"
+          f" (a step with no per-parameter cost at torch's own speed over the bytes; fusedopt's: "
+          f"{ms['torch fused step'] / ms['fusedopt step']:.2f}x)")
 
 
 if __name__ == "__main__":

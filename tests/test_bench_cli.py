@@ -264,7 +264,9 @@ def test_host_cost_script_times_each_part_of_a_step(algo):
     assert completed.returncode == 0, completed.stderr
     assert completed.stdout.startswith(f"{algo}, 40 nn.Parameter of 64, shared memory; 40 param tensor(s) to the op")
     parts = dict(re.findall(r"^  (.+?) +([\d.]+) us$", completed.stdout, re.MULTILINE))
-    assert list(parts) == ["torch fused step", "fusedopt step", "kernel op alone",
+    assert list(parts) == ["torch fused step", "fusedopt step", "torch fused step, one tensor of as many elements",
+                           "fusedopt step, one tensor of as many elements", "kernel op alone",
                            "op argument passing (returns before the kernel)", "per-step check (_collect_work)",
                            "step with the op stubbed out"]
     assert all(float(us) > 0 for us in parts.values())
+    assert re.search(r"^  ceiling: .* = [\d.]+x .*fusedopt's: [\d.]+x\)$", completed.stdout, re.MULTILINE)
