@@ -74,7 +74,7 @@ def main():
     names = [a.name for a in getattr(torch.ops.fusedopt, op_name).default._schema.arguments]
     skipped[names.index("found_inf")] = torch.ones(())
 
-    one = torch.nn.Parameter(torch.randn(args.count * args.size))  # torch's memory, as autograd's
+    one = torch.nn.Parameter(torch.randn(args.count * args.size))  # fusedopt moves it into its buffer
     one.grad = torch.randn_like(one)
     one_torch = torch.nn.Parameter(one.detach().clone())
     one_torch.grad = one.grad.clone()
@@ -104,11 +104,11 @@ def main():
     print(f"{args.algo}, {args.count} {kind} of {args.size}, {where}; {len(call[0])} param tensor(s) to the op")
     for name, us in rows:
         print(f"  {name:50s} {us:9.1f} us")
-    ms = dict(rows)
-    ceiling = ms["torch fused step"] / ms["torch fused step, one tensor of as many elements"]
+    median = dict(rows)
+    ceiling = median["torch fused step"] / median["torch fused step, one tensor of as many elements"]
     print(f"  ceiling: torch fused's step over these tensors / over one tensor of as many elements = {ceiling:.2f}x"
           f" (a step with no per-parameter cost at torch's own speed over the bytes; fusedopt's: "
-          f"{ms['torch fused step'] / ms['fusedopt step']:.2f}x)")
+          f"{median['torch fused step'] / median['fusedopt step']:.2f}x)")
 
 
 if __name__ == "__main__":
