@@ -3,9 +3,9 @@ the op's argument passing (a call that GradScaler's found_inf makes return befor
 kernel), the per-step check of every row (``_collect_work``: ``_C.sync_check`` and the
 plans), and the rest. torch's fused step is timed in the same loop, interleaved, and so
 are torch's and fusedopt's steps over one tensor of as many elements: the same bytes
-moved with no per-parameter work, which bounds what any step over the many can reach
-(a step over many tensors cannot beat torch fused by more than torch fused's time over
-them divided by this).
+moved with no per-parameter work. A step over the many that moves those bytes no faster
+than torch's one-tensor step cannot beat torch fused by more than torch fused's time over
+the many divided by its time over the one (the "ceiling" line).
 
     python benchmarks/host_cost.py [--algo sgd|adam|adamw] [--count 3000] [--size 2048]
                                    [--shared-memory] [--parameters] [--reps 200]
